@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Launch an rpc_train job with torchrun: every process becomes an RPC worker, rank 0 drives.
+#
+#   ./launch.sh [hydra overrides...]           e.g. ./launch.sh model=convnet pipeline.micro_batches=8
+#   ./launch.sh --help | --cfg job | --info    show the config without starting any process
+#
+# Environment:
+#   NPROC          processes on this machine (default 3: a driver and two stage workers)
+#   NNODES         machines in the job (default 1)
+#   NODE_RANK      this machine's index, 0..NNODES-1 (default 0)
+#   RDZV_ENDPOINT  host:port of the c10d rendezvous, required when NNODES > 1
+#   RUN_DIR        output directory (default outputs/DATE/TIME-XXXXXX, shared by all ranks)
+#   PYTHON         interpreter to use (default python3)
+# Exit status: 0 when every rank succeeded, 2 for a configuration error, otherwise non-zero.
+set -euo pipefail
+
+NPROC=${NPROC:-3}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+PYTHON=${PYTHON:-python3}
+
+die() { echo "error: $*" >&2; exit 2; }
+
+is_count() { [[ $1 =~ ^[0-9]+$ ]] && (( $1 >= 1 )); }
+is_count "$NPROC" || die "NPROC=$NPROC: must be a positive integer (processes on this machine)"
+is_count "$NNODES" || die "NNODES=$NNODES: must be a positive integer (machines in the job)"
+[[ $NODE_RANK =~ ^[0-9]+$ ]] && (( NODE_RANK < NNODES )) \
+  || die "NODE_RANK=$NODE_RANK: must be an integer from 0 to NNODES-1=$((NNODES - 1))"
+
+# Introspection flags compose and print the config in one process; nothing is launched.
+for arg in "$@"; do
+  case $arg in
+    --help|-h|--hydra-help|--cfg|-c|--info|-i|--resolve|--info=*|--cfg=*)
+      exec "$PYTHON" -m rpc_train.train "$@" ;;
+  esac
+done
+
+# Check the config once, here, before any rank starts (one line and exit 2 on a bad value).
+WORLD_SIZE=$((NPROC * NNODES)) "$PYTHON" -m rpc_train.preflight "$@"
+
+# One run dir for all ranks, made here: two launches in the same second still get two.
+if [[ -z ${RUN_DIR:-} ]]; then
+  day=outputs/$(date +%Y-%m-%d)
+  mkdir -p "$day"
+  RUN_DIR=$(mktemp -d "$day/$(date +%H-%M-%S)-XXXXXX")
+fi
+mkdir -p "$RUN_DIR"
+
+# Each rank sets its own intra-op thread count (runtime.threads); this only quiets torchrun.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+if (( NNODES == 1 )); then
+  rdzv=(--standalone)
+else
+  [[ -n ${RDZV_ENDPOINT:-} ]] || die "NNODES=$NNODES needs RDZV_ENDPOINT=host:port (the c10d rendezvous)"
+  rdzv=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT")
+fi
+
+echo "rpc_train: run dir $RUN_DIR" >&2
+exec "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" \
+  -m rpc_train.train "hydra.run.dir=$RUN_DIR" "$@"

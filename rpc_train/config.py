@@ -1,0 +1,89 @@
+"""Structured config schemas, registered in Hydra's ConfigStore.
+
+Typed dataclasses make a typo (`pipeline.micro_batch=4`) or a wrong type
+(`trainer.epochs=two`) fail when the config is composed, on every rank alike, before any
+process starts RPC. `model` and `optim` stay free-form: they are `_target_` dicts for
+`hydra.utils.instantiate`, and their keys belong to the class they name.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class RuntimeConf:
+    # Seconds before an RPC (and so a stuck or dead worker) fails the job.
+    rpc_timeout_s: float = 60.0
+    # TensorPipe's RPC thread pool per process; each in-flight micro-batch holds one thread.
+    num_worker_threads: int = 16
+    # torch intra-op threads per process; 0 shares the machine's cores among the local ranks.
+    threads: int = 0
+    # Network interface TensorPipe listens on (multi-node); null: loopback for one machine.
+    interface: Optional[str] = None
+
+
+@dataclass
+class PipelineConf:
+    # Number of model stages; null uses every worker (world_size - 1).
+    stages: Optional[int] = None
+    # Each batch is split into this many micro-batches that flow through the stages.
+    micro_batches: int = 4
+    # How layers are assigned to stages: "params", "time", or a list of layer counts.
+    balance: Any = "params"
+
+
+@dataclass
+class ModeConf:
+    name: str = "pipeline"
+
+
+@dataclass
+class DataConf:
+    name: str = MISSING
+    # Directory holding the torchvision datasets' files (~ is expanded).
+    root: str = "data"
+    download: bool = False
+    # Fraction of the training set held out for validation (seeded split).
+    val_fraction: float = 0.1
+    # Input shape (channels, height, width) and class count; models read these.
+    shape: List[int] = MISSING
+    num_classes: int = MISSING
+    # Samples in the synthetic dataset.
+    size: int = 1024
+    # Keep only the first N training samples after the split (smoke runs); null keeps all.
+    limit: Optional[int] = None
+
+
+@dataclass
+class TrainerConf:
+    epochs: int = 1
+    # Stop after this many optimizer steps, even mid-epoch; null runs all epochs.
+    max_steps: Optional[int] = None
+    batch_size: int = 64
+    # Log training scalars every N steps (validation runs at the end of each epoch).
+    log_every: int = 10
+    progress: bool = True
+    # Write the trained model as a plain state_dict (model.pt) in the run dir.
+    save_model: bool = True
+
+
+@dataclass
+class Config:
+    model: Any = MISSING
+    data: DataConf = field(default_factory=DataConf)
+    optim: Any = MISSING
+    scheduler: Any = None
+    mode: ModeConf = field(default_factory=ModeConf)
+    runtime: RuntimeConf = field(default_factory=RuntimeConf)
+    pipeline: PipelineConf = field(default_factory=PipelineConf)
+    trainer: TrainerConf = field(default_factory=TrainerConf)
+    seed: int = 0
+    # "cpu" or "cuda"; with cuda, stage k runs on cuda:(k mod #gpus).
+    device: str = "cpu"
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="schema", node=Config)

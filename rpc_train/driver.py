@@ -1,0 +1,41 @@
+"""The driver (rank 0): data, the training loop, validation, TensorBoard, the final model."""
+
+import logging
+import os
+
+import torch
+from omegaconf import DictConfig
+
+from rpc_train.data import make_loaders
+from rpc_train.devices import check_device
+from rpc_train.metrics import RunLogger, flat_hparams
+from rpc_train.pipeline import PipelineEngine
+from rpc_train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(cfg: DictConfig, world_size: int):
+    return PipelineEngine(cfg, world_size)
+
+
+def drive(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
+    """Train to the end and return the final metrics; workers are only reached by RPC."""
+    check_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    engine = build_engine(cfg, world_size)
+    train_loader, val_loader = make_loaders(cfg.data, cfg.trainer.batch_size, cfg.seed)
+    engine.wait_ready()
+    logger = RunLogger(run_dir)
+    try:
+        logger.config(cfg)
+        final = Trainer(engine, train_loader, val_loader, cfg.trainer, logger).fit()
+        logger.hparams(flat_hparams(cfg), {k: v for k, v in final.items() if k.startswith(("val/", "throughput/"))})
+    finally:
+        logger.close()
+    if cfg.trainer.save_model:
+        path = os.path.join(run_dir, "model.pt")
+        torch.save(engine.state_dict(), path)
+        log.info("saved the trained model's state_dict to %s", path)
+    log.info("done: %s", ", ".join(f"{k} {v:.4g}" for k, v in sorted(final.items())))
+    return final

@@ -1,0 +1,146 @@
+"""One pipeline stage: a slice of the model's layers, its optimizer, living on one worker.
+
+The driver creates each `StageWorker` with `rpc.remote` and keeps the RRef: the RRef owns the
+stage's lifetime and carries the control calls (step, state, stats). The per-micro-batch path
+instead calls `forward_on_stage` by stage id: passing an RRef as an argument would run the
+RRef fork protocol (extra messages) for every micro-batch.
+"""
+
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed.autograd as dist_autograd
+import torch.distributed.rpc as rpc
+from torch import nn
+
+from rpc_train.builders import build_model, build_optimizer
+
+# The stages hosted by this process, by stage id, for `forward_on_stage`.
+_LOCAL_STAGES: Dict[int, "StageWorker"] = {}
+
+
+class _Clock(torch.autograd.Function):
+    """Identity in forward; records when the gradient passes in backward.
+
+    One at a stage's output and one at its input bracket the stage's backward compute. The
+    `anchor` input requires grad so the node is in the graph even when `x` does not (stage 0).
+    """
+
+    @staticmethod
+    def forward(ctx, x, anchor, record):
+        ctx.record = record
+        ctx.x_requires_grad = x.requires_grad
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.record(time.perf_counter())
+        return (grad if ctx.x_requires_grad else None), None, None
+
+
+class StageWorker:
+    def __init__(self, stage_id: int, model_cfg: dict, layers: range, optim_cfg: dict,
+                 scheduler_cfg: Optional[dict], device: str, seed: int):
+        self.stage_id = stage_id
+        self.device = torch.device(device)
+        full = build_model(model_cfg, seed)
+        self.module = nn.Sequential(*[full[i] for i in layers]).to(self.device)
+        self.layers = layers
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = build_optimizer(self.params, optim_cfg, scheduler_cfg)
+        self.next_stage: Optional[tuple] = None  # (worker name, stage id)
+        self.to_cpu = True  # the last stage hands its output to the CPU-only driver
+        self._anchor = torch.zeros((), requires_grad=True)
+        self._turn = threading.Condition()
+        self._next_seq = 0
+        self._fwd_s = 0.0
+        self._bwd_marks: List[tuple] = []
+        _LOCAL_STAGES[stage_id] = self
+
+    def connect(self, next_worker: Optional[str], next_stage_id: Optional[int]) -> None:
+        self.next_stage = (next_worker, next_stage_id) if next_worker else None
+        self.to_cpu = next_worker is None
+
+    def _wait_turn(self, seq: int) -> None:
+        # Micro-batches run in the order the driver issued them, whatever order the RPC
+        # threads pick them up in: batch-norm statistics then match single-process training.
+        with self._turn:
+            self._turn.wait_for(lambda: self._next_seq == seq)
+
+    def _done_turn(self) -> None:
+        with self._turn:
+            self._next_seq += 1
+            self._turn.notify_all()
+
+    def compute(self, seq: int, x: torch.Tensor, training: bool) -> torch.Tensor:
+        self._wait_turn(seq)
+        try:
+            start = time.perf_counter()
+            x = x.to(self.device, non_blocking=True)
+            if self.module.training != training:
+                self.module.train(training)
+            with torch.set_grad_enabled(training):
+                if training:
+                    marks = [0.0, 0.0]
+                    self._bwd_marks.append(marks)
+                    x = _Clock.apply(x, self._anchor, lambda t: marks.__setitem__(1, t))
+                    y = self.module(x)
+                    y = _Clock.apply(y, self._anchor, lambda t: marks.__setitem__(0, t))
+                else:
+                    y = self.module(x)
+            if self.to_cpu:
+                y = y.cpu()
+            if training:
+                self._fwd_s += time.perf_counter() - start
+            return y
+        finally:
+            self._done_turn()
+
+    def step(self, context_id: int) -> Dict[str, float]:
+        """Apply this stage's gradients from the distributed autograd context; report stats."""
+        grads = dist_autograd.get_gradients(context_id)
+        for p in self.params:
+            p.grad = grads.get(p)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return self.pop_stats()
+
+    def pop_stats(self) -> Dict[str, float]:
+        bwd = sum(end - start for start, end in self._bwd_marks if end and start)
+        stats = {"forward_ms": self._fwd_s * 1e3, "backward_ms": bwd * 1e3,
+                 "lr": self.optimizer.param_groups[0]["lr"]}
+        self._fwd_s, self._bwd_marks = 0.0, []
+        return stats
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Parameters and buffers named as in the full model (`<layer index>.<name>`)."""
+        local = self.module.state_dict()
+        out = {}
+        for key, value in local.items():
+            idx, rest = key.split(".", 1)
+            out[f"{self.layers[int(idx)]}.{rest}"] = value.detach().cpu()
+        return out
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+@rpc.functions.async_execution
+def forward_on_stage(stage_id: int, seq: int, x: torch.Tensor, training: bool) -> torch.futures.Future:
+    """Run micro-batch `seq` through this stage, then push it on to the next stage.
+
+    Activations go stage to stage, never through the driver. The reply (the last stage's
+    output) travels back along the chain; async_execution frees this RPC thread meanwhile.
+    """
+    stage = _LOCAL_STAGES[stage_id]
+    y = stage.compute(seq, x, training)
+    if stage.next_stage is None:
+        done = torch.futures.Future()
+        done.set_result(y)
+        return done
+    worker, next_id = stage.next_stage
+    return rpc.rpc_async(worker, forward_on_stage, args=(next_id, seq, y, training))

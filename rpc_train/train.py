@@ -1,0 +1,52 @@
+"""Entry point: `torchrun ... -m rpc_train.train [overrides]`, normally through ./launch.sh.
+
+Every rank composes the same config, checks it, and joins the RPC world; the driver trains
+and the workers serve it until it shuts the world down.
+"""
+
+import os
+import sys
+from typing import Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from rpc_train.config import register_configs
+from rpc_train.errors import ConfigError
+from rpc_train.validate import validate
+
+register_configs()
+
+
+def train(cfg: DictConfig) -> Optional[dict]:
+    """Run one job on this rank; the driver returns the final metrics, workers None."""
+    # Imported here so `--help` and `--cfg job` answer without loading torch.
+    from rpc_train.driver import drive
+    from rpc_train.roles import stage_device_maps
+    from rpc_train.runtime import World, configure_threads, rpc_session
+
+    world = World.from_env()
+    validate(cfg, world.size)
+    configure_threads(cfg.runtime, world)
+    with rpc_session(cfg.runtime, world, stage_device_maps(cfg, world)):
+        if world.is_driver:
+            return drive(cfg, world.size, HydraConfig.get().runtime.output_dir)
+    return None
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except ConfigError as err:
+        if os.environ.get("RANK", "0") == "0":  # every rank fails alike; one says why
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    if os.environ.get("RANK", "0") != "0":
+        # All ranks share one run dir; only the driver writes the .hydra/ config record there.
+        sys.argv.append("hydra.output_subdir=null")
+    main()
