@@ -1,0 +1,64 @@
+"""Bad input: one clear line, a non-zero exit on every rank within seconds, never a hang."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, launch
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.mark.parametrize("args, env, needle", [
+    (["pipeline.micro_batches=0"], {}, "pipeline.micro_batches=0"),
+    (["pipeline.micro_batches=-2"], {}, "pipeline.micro_batches=-2"),
+    (["pipeline.stages=3"], {}, "pipeline.stages=3"),
+    ([], {"NPROC": "1"}, "NPROC"),
+    ([], {"NPROC": "two"}, "NPROC=two"),
+    (["pipeline.micro_batches=64", "trainer.batch_size=32"], {}, "trainer.batch_size=32"),
+    (["model=transformer"], {}, "model=transformer is not a known model; choose one of: convnet, mlp"),
+    (["pipeline.micro_batch=4"], {}, "pipeline.micro_batch is not a setting"),
+    (["trainer.epochs=two"], {}, "trainer.epochs=two"),
+    (["data=mnist", "data.root=/nonexistent"], {}, "data.download=true"),
+    (["device=cuda"], {}, "device=cuda"),
+])
+def test_launcher_rejects_bad_input_in_one_line(tmp_path, args, env, needle):
+    started = time.monotonic()
+    result = launch(args, tmp_path / "run", timeout=60, **env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+    assert time.monotonic() - started < 20
+
+
+def test_every_rank_refuses_a_bad_value_even_without_the_launcher(tmp_path):
+    """torchrun straight at the entry point: each rank validates before it joins RPC."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+           "-m", "rpc_train.train", f"hydra.run.dir={tmp_path}", "pipeline.micro_batches=0"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=90,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert result.stderr.count("error: pipeline.micro_batches=0: must be a positive integer") == 1
+    assert result.stderr.count("exitcode  : 2") == 3, result.stderr[-2000:]
+
+
+def test_a_failing_worker_ends_the_job_with_its_traceback(tmp_path):
+    started = time.monotonic()
+    # A string learning rate passes composition (optimizer configs are free-form) and breaks
+    # inside torch.optim on each stage worker: the remote traceback must reach the console.
+    result = launch(["experiment=smoke", "optim.lr=fast"], tmp_path / "run", timeout=90)
+    assert result.returncode != 0
+    assert "stage.py" in result.stderr and "TypeError" in result.stderr, result.stderr[-3000:]
+    assert time.monotonic() - started < 60
+
+
+def test_a_driver_error_found_at_run_time_stops_every_rank(tmp_path):
+    # The layer counts are checked against the model only once the driver has built it.
+    result = launch(["experiment=smoke", "pipeline.balance=[1,1]"], tmp_path / "run", timeout=90)
+    assert result.returncode != 0
+    assert "error: pipeline.balance=[1, 1]: need 2 positive layer counts summing to 5" in result.stderr
+    assert "exitcode  : 2" in result.stderr  # the driver's own exit is the root cause
