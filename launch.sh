@@ -24,8 +24,9 @@ die() { echo "error: $*" >&2; exit 2; }
 is_count() { [[ $1 =~ ^[0-9]+$ ]] && (( $1 >= 1 )); }
 is_count "$NPROC" || die "NPROC=$NPROC: must be a positive integer (processes on this machine)"
 is_count "$NNODES" || die "NNODES=$NNODES: must be a positive integer (machines in the job)"
-[[ $NODE_RANK =~ ^[0-9]+$ ]] && (( NODE_RANK < NNODES )) \
-  || die "NODE_RANK=$NODE_RANK: must be an integer from 0 to NNODES-1=$((NNODES - 1))"
+if ! [[ $NODE_RANK =~ ^[0-9]+$ ]] || (( NODE_RANK >= NNODES )); then
+  die "NODE_RANK=$NODE_RANK: must be an integer from 0 to NNODES-1=$((NNODES - 1))"
+fi
 
 # Introspection flags compose and print the config in one process; nothing is launched.
 for arg in "$@"; do
@@ -33,6 +34,16 @@ for arg in "$@"; do
     --help|-h|--hydra-help|--cfg|-c|--info|-i|--resolve|--info=*|--cfg=*)
       exec "$PYTHON" -m rpc_train.train "$@" ;;
   esac
+done
+
+# A sweep runs in one process that starts a fresh torchrun world per job (rpc_train/sweep.py).
+for arg in "$@"; do
+  if [[ $arg == -m || $arg == --multirun ]]; then
+    day=multirun/$(date +%Y-%m-%d)
+    mkdir -p "$day"
+    sweep_dir=$(mktemp -d "$day/$(date +%H-%M-%S)-XXXXXX")
+    exec "$PYTHON" -m rpc_train.sweep "$@" "hydra.sweep.dir=$sweep_dir"
+  fi
 done
 
 # Check the config once, here, before any rank starts (one line and exit 2 on a bad value).

@@ -1,5 +1,6 @@
 """The driver (rank 0): data, the training loop, validation, TensorBoard, the final model."""
 
+import json
 import logging
 import os
 
@@ -37,5 +38,7 @@ def drive(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
         path = os.path.join(run_dir, "model.pt")
         torch.save(engine.state_dict(), path)
         log.info("saved the trained model's state_dict to %s", path)
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump(final, f, indent=1)
     log.info("done: %s", ", ".join(f"{k} {v:.4g}" for k, v in sorted(final.items())))
     return final
