@@ -33,6 +33,13 @@ class PipelineConf:
     micro_batches: int = 4
     # How layers are assigned to stages: "params", "time", or a list of layer counts.
     balance: Any = "params"
+    # "gpipe": every micro-batch enters at once; "1f1b": at most `stages` micro-batches in
+    # flight, which bounds activation memory. Both run each backward as soon as it can.
+    schedule: str = "1f1b"
+    # Log a timeline figure of the pipeline every N steps (0: never).
+    timeline_every: int = 100
+    # Write a Chrome trace (trace.json in the run dir, opens in Perfetto) of this step.
+    trace_step: Optional[int] = None
 
 
 @dataclass

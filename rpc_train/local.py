@@ -3,6 +3,7 @@
 Used by the equivalence tests and as the baseline row of the benchmarks.
 """
 
+import math
 from typing import Dict
 
 import torch
@@ -26,6 +27,8 @@ class LocalEngine:
         self.model.train()
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
+        if not math.isfinite(loss.item()):
+            return StepResult(loss.item(), 0, skipped=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -1,13 +1,22 @@
 """The driver's view of a pipeline: stages on the workers, micro-batches through them.
 
-Schedule: every micro-batch's forward is issued at once (stage k works on micro-batch i
-while stage k+1 works on i-1), then one distributed-autograd backward over the summed loss,
-then one `step` RPC per stage, all stages in parallel.
+Each micro-batch gets its own distributed-autograd context, so its backward pass can start
+the moment its loss is known and run while other micro-batches are still in forward or
+backward elsewhere (one shared context would serialise the backward passes). A driver
+thread per micro-batch carries its context: issue the forward, compute the loss, run the
+backward. The stages then sum their gradients over all contexts and step: one RPC per stage.
+
+Schedules: `gpipe` lets every micro-batch in at once; `1f1b` keeps at most K (the number of
+stages) in flight, so each stage holds at most K micro-batches' activations.
 """
 
 import logging
+import math
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed.autograd as dist_autograd
@@ -29,6 +38,11 @@ class StepResult:
     loss: float
     correct: int
     stats: Dict[str, float] = field(default_factory=dict)
+    # True when the loss was not finite and the optimizer step was not applied.
+    skipped: bool = False
+    # Per stage: (kind "F"/"B", micro-batch seq, start, end) in perf_counter seconds.
+    spans: Optional[List[List[tuple]]] = None
+    started: float = 0.0
 
 
 def _as_dict(node) -> dict:
@@ -50,6 +64,9 @@ class PipelineEngine:
         """
         self.micro_batches = cfg.pipeline.micro_batches
         k = num_stages(cfg, world_size)
+        self.max_in_flight = k if cfg.pipeline.schedule == "1f1b" else self.micro_batches
+        # One thread per micro-batch: each holds its autograd context until the step.
+        self._pool = ThreadPoolExecutor(self.micro_batches, thread_name_prefix="micro-batch")
         model_cfg = _as_dict(cfg.model)
         layers = list(build_model(model_cfg, cfg.seed))
         # Timing layers needs only the shape of a micro-batch, not real data.
@@ -68,8 +85,8 @@ class PipelineEngine:
             for i, stage in enumerate(self.stages)
         ]
         self._seq = 0
-        log.info("pipeline: %d stages on %s, layers per stage %s, %d micro-batches",
-                 k, ", ".join(self.workers), self.counts, self.micro_batches)
+        log.info("pipeline: %d stages on %s, layers per stage %s, %d micro-batches, %s schedule",
+                 k, ", ".join(self.workers), self.counts, self.micro_batches, cfg.pipeline.schedule)
 
     def wait_ready(self) -> None:
         torch.futures.wait_all(self._connected)
@@ -84,21 +101,57 @@ class PipelineEngine:
         return torch.futures.wait_all(futures)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        with dist_autograd.context() as context_id:
-            outputs = self._forward_all(x, training=True)
-            logits = torch.cat(outputs)
-            # Summed per micro-batch then divided by the whole batch: the same mean loss, and
-            # so the same gradients, as one forward over the whole batch.
-            loss = F.cross_entropy(logits, y, reduction="sum") / len(y)
-            dist_autograd.backward(context_id, [loss])
-            futures = [stage.rpc_async().step(context_id) for stage in self.stages]
-            per_stage = torch.futures.wait_all(futures)
+        started = time.perf_counter()
+        window = threading.Semaphore(self.max_in_flight)
+        release = threading.Event()
+        reports = []
+        try:
+            for cx, cy in zip(x.tensor_split(self.micro_batches), y.tensor_split(self.micro_batches)):
+                window.acquire()  # in seq order, so no stage ever waits for a micro-batch not yet sent
+                reports.append(Future())
+                self._pool.submit(self._micro_batch, self._seq, cx, cy, len(y), window, release, reports[-1])
+                self._seq += 1
+            done = [report.result() for report in reports]
+            loss = sum(d[1] for d in done)
+            if not math.isfinite(loss):
+                torch.futures.wait_all([s.rpc_async().drop_stats() for s in self.stages])
+                return StepResult(loss, 0, skipped=True)
+            contexts = [d[0] for d in done]
+            per_stage = torch.futures.wait_all([s.rpc_async().step(contexts) for s in self.stages])
+        finally:
+            release.set()  # the contexts may close now: the stages have read their gradients
+        return self._result(done, per_stage, started)
+
+    def _micro_batch(self, seq, x, y, batch, window, release, report: Future) -> None:
+        """One micro-batch's forward, loss and backward, in its own autograd context.
+
+        Reports (context id, loss, correct) once its backward is done, then keeps the context
+        open until the stages have stepped, since closing it frees the gradients.
+        """
+        try:
+            with dist_autograd.context() as context_id:
+                try:
+                    out = rpc.rpc_sync(self.workers[0], forward_on_stage, args=(0, seq, x, True))
+                    # Summed, then divided by the whole batch: the micro-batches' losses add up
+                    # to the batch's mean loss, so gradients match one pass over the batch.
+                    loss = F.cross_entropy(out, y, reduction="sum") / batch
+                    if math.isfinite(loss.item()):
+                        dist_autograd.backward(context_id, [loss])
+                    report.set_result((context_id, loss.item(), int((out.argmax(1) == y).sum())))
+                finally:
+                    window.release()
+                release.wait()
+        except BaseException as err:  # noqa: BLE001 - handed to the driver's thread
+            if not report.done():
+                report.set_exception(err)
+
+    def _result(self, done, per_stage, started) -> StepResult:
         stats = {"lr": per_stage[0]["lr"]}
         for i, s in enumerate(per_stage):
             stats[f"stage{i}/forward_ms"] = s["forward_ms"]
             stats[f"stage{i}/backward_ms"] = s["backward_ms"]
-        correct = int((logits.argmax(1) == y).sum())
-        return StepResult(loss.item(), correct, stats)
+        return StepResult(sum(d[1] for d in done), sum(d[2] for d in done), stats,
+                          spans=[s["spans"] for s in per_stage], started=started)
 
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:

@@ -24,7 +24,8 @@ _LOCAL_STAGES: Dict[int, "StageWorker"] = {}
 class _Clock(torch.autograd.Function):
     """Identity in forward; records when the gradient passes in backward.
 
-    One at a stage's output and one at its input bracket the stage's backward compute. The
+    One at a stage's output and one at its input bracket the stage's backward compute
+    (perf_counter is CLOCK_MONOTONIC: comparable across the processes of one machine). The
     `anchor` input requires grad so the node is in the graph even when `x` does not (stage 0).
     """
 
@@ -55,8 +56,8 @@ class StageWorker:
         self._anchor = torch.zeros((), requires_grad=True)
         self._turn = threading.Condition()
         self._next_seq = 0
-        self._fwd_s = 0.0
-        self._bwd_marks: List[tuple] = []
+        self._forward_spans: List[tuple] = []
+        self._backward_spans: List[list] = []
         _LOCAL_STAGES[stage_id] = self
 
     def connect(self, next_worker: Optional[str], next_stage_id: Optional[int]) -> None:
@@ -83,38 +84,54 @@ class StageWorker:
                 self.module.train(training)
             with torch.set_grad_enabled(training):
                 if training:
-                    marks = [0.0, 0.0]
-                    self._bwd_marks.append(marks)
-                    x = _Clock.apply(x, self._anchor, lambda t: marks.__setitem__(1, t))
+                    span = [seq, 0.0, 0.0]  # backward (start, end), filled in by the clocks
+                    self._backward_spans.append(span)
+                    x = _Clock.apply(x, self._anchor, lambda t: span.__setitem__(2, t))
                     y = self.module(x)
-                    y = _Clock.apply(y, self._anchor, lambda t: marks.__setitem__(0, t))
+                    y = _Clock.apply(y, self._anchor, lambda t: span.__setitem__(1, t))
                 else:
                     y = self.module(x)
             if self.to_cpu:
                 y = y.cpu()
             if training:
-                self._fwd_s += time.perf_counter() - start
+                self._forward_spans.append((seq, start, time.perf_counter()))
             return y
         finally:
             self._done_turn()
 
-    def step(self, context_id: int) -> Dict[str, float]:
-        """Apply this stage's gradients from the distributed autograd context; report stats."""
-        grads = dist_autograd.get_gradients(context_id)
+    def step(self, context_ids: List[int]) -> Dict[str, Any]:
+        """Sum this stage's gradients over the micro-batches' autograd contexts and step.
+
+        Contexts are summed in the order given, so the result does not depend on the order in
+        which the backward passes happened to finish.
+        """
         for p in self.params:
-            p.grad = grads.get(p)
+            p.grad = None
+        for context_id in context_ids:
+            grads = dist_autograd.get_gradients(context_id)
+            for p in self.params:
+                g = grads.get(p)
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
         return self.pop_stats()
 
-    def pop_stats(self) -> Dict[str, float]:
-        bwd = sum(end - start for start, end in self._bwd_marks if end and start)
-        stats = {"forward_ms": self._fwd_s * 1e3, "backward_ms": bwd * 1e3,
-                 "lr": self.optimizer.param_groups[0]["lr"]}
-        self._fwd_s, self._bwd_marks = 0.0, []
+    def pop_stats(self) -> Dict[str, Any]:
+        """Compute times of the last step, and each micro-batch's forward/backward span."""
+        spans = [("F", seq, a, b) for seq, a, b in self._forward_spans]
+        spans += [("B", seq, a, b) for seq, a, b in self._backward_spans if a and b]
+        stats = {"forward_ms": 1e3 * sum(b - a for kind, _, a, b in spans if kind == "F"),
+                 "backward_ms": 1e3 * sum(b - a for kind, _, a, b in spans if kind == "B"),
+                 "lr": self.optimizer.param_groups[0]["lr"], "spans": spans}
+        self._forward_spans, self._backward_spans = [], []
         return stats
+
+    def drop_stats(self) -> None:
+        """Forget a step that was not applied (a skipped non-finite loss)."""
+        self._forward_spans, self._backward_spans = [], []
 
     def state_dict(self) -> Dict[str, Any]:
         """Parameters and buffers named as in the full model (`<layer index>.<name>`)."""

@@ -13,6 +13,7 @@ from rpc_train.errors import ConfigError
 MODES = ("pipeline",)
 DEVICES = ("cpu", "cuda")
 BALANCE_STRATEGIES = ("params", "time")
+SCHEDULES = ("gpipe", "1f1b")
 BALANCE_HELP = "'params', 'time', or a list of layer counts per stage such as [3,2]"
 
 
@@ -47,6 +48,8 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
                    f"one per stage) but the world has {world_size}; use NPROC={pipe.stages + 1} "
                    f"or pipeline.stages<={world_size - 1}")
     yield from _balance_problems(pipe.balance, pipe.stages or world_size - 1)
+    if pipe.schedule not in SCHEDULES:
+        yield f"pipeline.schedule={pipe.schedule}: expected one of {', '.join(SCHEDULES)}"
     if not 0.0 < cfg.data.val_fraction < 1.0:
         yield f"data.val_fraction={cfg.data.val_fraction}: must be between 0 and 1"
 

@@ -23,9 +23,9 @@ def local_reference(overrides):
     return engine.state_dict()
 
 
-@pytest.mark.parametrize("micro_batches", [1, 4])
-def test_pipeline_matches_single_process(tmp_path, micro_batches):
-    overrides = STEPS + [f"pipeline.micro_batches={micro_batches}"]
+@pytest.mark.parametrize("schedule, micro_batches", [("1f1b", 1), ("1f1b", 4), ("gpipe", 4)])
+def test_pipeline_matches_single_process(tmp_path, schedule, micro_batches):
+    overrides = STEPS + [f"pipeline.micro_batches={micro_batches}", f"pipeline.schedule={schedule}"]
     result = launch(overrides, tmp_path / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     piped = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
