@@ -11,6 +11,7 @@ from rpc_train.data import make_loaders
 from rpc_train.devices import check_device
 from rpc_train.metrics import RunLogger, flat_hparams
 from rpc_train.pipeline import PipelineEngine
+from rpc_train.timeline import TimelineLogger
 from rpc_train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ def drive(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     logger = RunLogger(run_dir)
     try:
         logger.config(cfg)
-        final = Trainer(engine, train_loader, val_loader, cfg.trainer, logger).fit()
+        timeline = TimelineLogger(logger, run_dir, cfg.pipeline.timeline_every, cfg.pipeline.trace_step)
+        final = Trainer(engine, train_loader, val_loader, cfg.trainer, logger, hooks=[timeline]).fit()
         logger.hparams(flat_hparams(cfg), {k: v for k, v in final.items() if k.startswith(("val/", "throughput/"))})
     finally:
         logger.close()

@@ -29,6 +29,7 @@ from rpc_train.devices import stage_device
 from rpc_train.partition import plan_stages, stage_bounds
 from rpc_train.runtime import worker_name
 from rpc_train.stage import StageWorker, forward_on_stage
+from rpc_train.timeline import bubble_fraction
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +151,10 @@ class PipelineEngine:
         for i, s in enumerate(per_stage):
             stats[f"stage{i}/forward_ms"] = s["forward_ms"]
             stats[f"stage{i}/backward_ms"] = s["backward_ms"]
+        spans = [s["spans"] for s in per_stage]
+        stats["pipeline/bubble_fraction"] = bubble_fraction(spans, started, time.perf_counter())
         return StepResult(sum(d[1] for d in done), sum(d[2] for d in done), stats,
-                          spans=[s["spans"] for s in per_stage], started=started)
+                          spans=spans, started=started)
 
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:

@@ -7,7 +7,7 @@ owns epochs, step limits, validation, metrics and the progress bar.
 import logging
 import time
 from collections import defaultdict
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -50,10 +50,21 @@ class _Window:
         return out
 
 
+def evaluate(engine, val_loader: DataLoader) -> Dict[str, float]:
+    """Validation loss (per sample) and accuracy of any engine with an `eval_step`."""
+    loss = correct = count = 0
+    for x, y in val_loader:
+        result = engine.eval_step(x, y)
+        loss, correct, count = loss + result.loss, correct + result.correct, count + len(y)
+    return {"val/loss": loss / count, "val/accuracy": correct / count}
+
+
 class Trainer:
     def __init__(self, engine, train_loader: DataLoader, val_loader: DataLoader,
-                 cfg: TrainerConf, logger: Optional[RunLogger] = None):
-        self.engine, self.cfg, self.logger = engine, cfg, logger
+                 cfg: TrainerConf, logger: Optional[RunLogger] = None,
+                 hooks: Sequence[Callable[[int, object], None]] = ()):
+        """`hooks` are called as hook(step, result) after every training step."""
+        self.engine, self.cfg, self.logger, self.hooks = engine, cfg, logger, list(hooks)
         self.train_loader, self.val_loader = train_loader, val_loader
         self.step = 0
         self.final: Dict[str, float] = {}
@@ -77,6 +88,8 @@ class Trainer:
                     window.add(result, len(y), time.perf_counter() - t0)
                     self.step += 1
                     bar.update()
+                    for hook in self.hooks:
+                        hook(self.step, result)
                     if self.step % self.cfg.log_every == 0 or self.step == total:
                         scalars = window.scalars()
                         bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", epoch=epoch)
@@ -90,11 +103,7 @@ class Trainer:
         return self.final
 
     def _validate(self, epoch: int) -> None:
-        loss = correct = count = 0
-        for x, y in self.val_loader:
-            result = self.engine.eval_step(x, y)
-            loss, correct, count = loss + result.loss, correct + result.correct, count + len(y)
-        scalars = {"val/loss": loss / count, "val/accuracy": correct / count}
+        scalars = evaluate(self.engine, self.val_loader)
         log.info("epoch %d step %d: val loss %.4f, val accuracy %.4f",
                  epoch, self.step, scalars["val/loss"], scalars["val/accuracy"])
         self._log(scalars)

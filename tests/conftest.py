@@ -53,6 +53,6 @@ SMOKE = ["experiment=smoke"]
 def smoke_run(tmp_path_factory):
     """One real 3-process smoke launch shared by the tests that only read its outputs."""
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    result = launch(SMOKE, run_dir)
+    result = launch(SMOKE + ["pipeline.timeline_every=10", "pipeline.trace_step=12"], run_dir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir, result

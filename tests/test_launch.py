@@ -1,5 +1,7 @@
 """End to end: ./launch.sh starts torchrun, 3 RPC processes train the smoke preset."""
 
+import json
+
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -12,6 +14,7 @@ EXPECTED_SCALARS = {
     "train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr",
     "throughput/samples_per_s", "time/step_ms",
     "stage0/forward_ms", "stage0/backward_ms", "stage1/forward_ms", "stage1/backward_ms",
+    "pipeline/bubble_fraction",
 }
 
 
@@ -43,6 +46,17 @@ def test_smoke_run_writes_hparams_and_config_once(smoke_run):
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert sorted(p.name for p in run_dir.glob("rank*.log")) == ["rank0.log", "rank1.log", "rank2.log"]
     assert "[rank0]" in (run_dir / "rank0.log").read_text()
+
+
+def test_smoke_run_shows_the_pipeline_timeline(smoke_run):
+    run_dir, _ = smoke_run
+    assert event_tags(run_dir)["images"] == ["pipeline/timeline"]  # steps 10 and 20
+    trace = json.loads((run_dir / "trace.json").read_text())
+    boxes = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    # 4 micro-batches, forward and backward, on each of 2 stages.
+    assert sorted((e["tid"], e["cat"]) for e in boxes) == sorted(
+        [(k, c) for k in (0, 1) for c in ("forward", "backward") for _ in range(4)])
+    assert all(0 < v < 1 for _, v in read_scalars(run_dir)["pipeline/bubble_fraction"])
 
 
 def test_exported_model_loads_without_rpc(smoke_run):
