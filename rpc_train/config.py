@@ -23,6 +23,9 @@ class RuntimeConf:
     threads: int = 0
     # Network interface TensorPipe listens on (multi-node); null: loopback for one machine.
     interface: Optional[str] = None
+    # TensorPipe transports. "uv" (TCP) by default: the shared-memory "shm" transport polls,
+    # and measured here it burns a third of a core per idle process, on a 2-core machine.
+    transports: List[str] = field(default_factory=lambda: ["uv"])
 
 
 @dataclass

@@ -90,6 +90,7 @@ def backend_options(runtime: RuntimeConf, device_maps: Optional[Dict[str, Dict[s
         init_method="env://",
         num_worker_threads=runtime.num_worker_threads,
         rpc_timeout=runtime.rpc_timeout_s,
+        _transports=list(runtime.transports),
     )
     for peer, mapping in (device_maps or {}).items():
         options.set_device_map(peer, mapping)
