@@ -1,0 +1,221 @@
+"""`python -m rpc_train.bench [--model convnet] [--csv out.csv]`: pipeline vs single-process speed.
+
+One table of training samples/s: the same model, data and batch trained in this process with one
+thread and with every core, then through a K-stage pipeline (one RPC world of K+1 processes that
+this script starts) for each micro-batch count. The single-process rows run before the world
+starts, so no two rows compete for the cores.
+"""
+
+import argparse
+import csv
+import itertools
+import platform
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from rpc_train.bench_peer import peer_medians
+from rpc_train.bench_world import run_in_local_world
+from rpc_train.config import register_configs
+from rpc_train.data import make_loaders
+from rpc_train.errors import ConfigError
+from rpc_train.local import LocalEngine
+from rpc_train.pipeline import PipelineEngine
+from rpc_train.preflight import CONF_DIR
+from rpc_train.preflight import _one_line as one_line
+from rpc_train.runtime import World, usable_cores
+from rpc_train.validate import validate
+
+COLUMNS = ["setup", "micro_batches", "threads_processes", "median_step_ms", "samples_per_s",
+           "vs_1_thread", "vs_all_cores", "pipeline_efficiency", "gpipe_bound"]
+HEADERS = ["setup", "micro-batches", "threads/processes", "median step ms", "samples/s",
+           "vs 1 thread", "vs all cores", "efficiency", "GPipe bound"]
+
+
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m rpc_train.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="convnet", help="a conf/model option")
+    p.add_argument("--data", default="synthetic", help="a conf/data option")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--micro-batches", default="1,2,4,8", help="comma-separated counts")
+    p.add_argument("--stages", type=int, default=2, help="pipeline stages K (K+1 processes)")
+    p.add_argument("--schedules", default="1f1b,gpipe", help="comma-separated pipeline.schedule values")
+    p.add_argument("--no-peer", action="store_true", help="skip the torch.distributed.pipelining rows")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
+    p.add_argument("--csv", help="also write the rows to this CSV file")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds the pipeline world may run")
+    args = p.parse_args(argv)
+    args.micro_batches = [int(m) for m in args.micro_batches.split(",") if m.strip()]
+    args.schedules = [name for name in args.schedules.split(",") if name.strip()]
+    if args.steps < 1 or args.warmup < 0 or args.stages < 1 or not args.micro_batches:
+        p.error("need --steps >= 1, --warmup >= 0, --stages >= 1 and at least one micro-batch count")
+    return args
+
+
+def compose_config(args: argparse.Namespace) -> DictConfig:
+    """The config every row shares; checked for each micro-batch count before any process starts."""
+    register_configs()
+    overrides = [f"model={args.model}", f"data={args.data}", f"trainer.batch_size={args.batch_size}",
+                 f"pipeline.stages={args.stages}",
+                 # Stage workers get one thread each: the target is K single-core stages.
+                 "runtime.threads=1",
+                 # A stuck stage fails the run within a minute instead of hanging it.
+                 "runtime.rpc_timeout_s=60", *args.override]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    for m in args.micro_batches:
+        for schedule in args.schedules:
+            cfg.pipeline.micro_batches, cfg.pipeline.schedule = m, schedule
+            validate(cfg, args.stages + 1)
+    return cfg
+
+
+def draw_batches(cfg: DictConfig, count: int) -> list:
+    """Up to `count` training batches, drawn once so the timed loop never loads data."""
+    loader, _ = make_loaders(cfg.data, cfg.trainer.batch_size, cfg.seed)
+    return list(itertools.islice(loader, count))
+
+
+def time_steps(engine, batches: list, warmup: int, steps: int) -> tuple:
+    """(seconds of each timed step, their StepResults); the loop itself does nothing else."""
+    feed = itertools.cycle(batches)
+    for _ in range(warmup):
+        engine.train_step(*next(feed))
+    seconds, results = [], []
+    for _ in range(steps):
+        x, y = next(feed)
+        start = time.perf_counter()
+        results.append(engine.train_step(x, y))
+        seconds.append(time.perf_counter() - start)
+    return seconds, results
+
+
+def local_row(cfg: DictConfig, batches: list, threads: int, warmup: int, steps: int) -> Dict:
+    torch.set_num_threads(threads)
+    seconds, _ = time_steps(LocalEngine(cfg), batches, warmup, steps)
+    label = f"{threads} thread" + ("s" if threads > 1 else "")
+    return {"setup": f"single-process, {label}", "micro_batches": "-",
+            "threads_processes": label, "median_step_ms": 1e3 * statistics.median(seconds)}
+
+
+def pipeline_rows(world: World, cfg: DictConfig, runs: List[tuple], warmup: int, steps: int) -> List[Dict]:
+    """On the driver: a fresh PipelineEngine per (schedule, micro-batches), on the same workers."""
+    batches = draw_batches(cfg, warmup + steps)
+    k = world.size - 1
+    rows = []
+    for schedule, m in runs:
+        cfg.pipeline.schedule, cfg.pipeline.micro_batches = schedule, m
+        engine = PipelineEngine(cfg, world.size)
+        engine.wait_ready()
+        seconds, results = time_steps(engine, batches, warmup, steps)
+        stage_ms = {key: statistics.median(r.stats[key] for r in results)
+                    for key in results[0].stats if key.startswith("stage")}
+        rows.append({"setup": f"rpc_train {schedule} K={k}", "micro_batches": m,
+                     "threads_processes": f"{world.size} proc: driver + {k}x1 thread",
+                     "median_step_ms": 1e3 * statistics.median(seconds), "stage_ms": stage_ms})
+        del engine  # its RRefs go, so the old stages can be freed before the next ones are built
+    return rows
+
+
+def peer_rows(cfg: DictConfig, runs: List[tuple], batches: list, k: int, warmup: int, steps: int,
+              timeout: float) -> List[Dict]:
+    """torch.distributed.pipelining over gloo on the same stage split: the peer to beat."""
+    medians = peer_medians(cfg, k, runs, batches, steps, warmup, timeout)
+    return [{"setup": f"torch pipelining {schedule} K={k}", "micro_batches": m,
+             "threads_processes": f"{k} proc x1 thread", "median_step_ms": 1e3 * medians[(schedule, m)]}
+            for schedule, m in runs]
+
+
+def add_ratios(rows: List[Dict], batch: int, k: int) -> None:
+    one, every = rows[0]["median_step_ms"], rows[1]["median_step_ms"]
+    for row in rows:
+        ms = row["median_step_ms"]
+        row["samples_per_s"] = 1e3 * batch / ms
+        row["vs_1_thread"], row["vs_all_cores"] = one / ms, every / ms
+        m = row["micro_batches"]
+        piped = isinstance(m, int)
+        # Efficiency: the speedup each of the K stages delivers; GPipe's bubble caps it at m/(m+K-1).
+        row["pipeline_efficiency"] = one / ms / k if piped else "-"
+        row["gpipe_bound"] = m / (m + k - 1) if piped else "-"
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"machine: {usable_cores()} usable cores, {cpu}, torch {torch.__version__}"
+
+
+def _cell(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) and value < 10 else (
+        f"{value:.1f}" if isinstance(value, float) else str(value))
+
+
+def format_table(rows: List[Dict]) -> str:
+    cells = [HEADERS] + [[_cell(row[c]) for c in COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+             for line in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def stage_notes(rows: List[Dict]) -> str:
+    """Per-stage compute per step (median ms, from the stages' own clocks): where the time went."""
+    notes = []
+    for row in rows:
+        if "stage_ms" in row:
+            ms, stages = row["stage_ms"], sorted({key.split("/")[0] for key in row["stage_ms"]})
+            parts = ", ".join(f"{s} fwd {ms[s + '/forward_ms']:.1f} bwd {ms[s + '/backward_ms']:.1f}"
+                              for s in stages)
+            notes.append(f"  {row['setup']} m={row['micro_batches']}: {parts}")
+    return "stage compute per step, ms:\n" + "\n".join(notes) if notes else ""
+
+
+def write_csv(path: str, rows: List[Dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = compose_config(args)
+        batches = draw_batches(cfg, args.warmup + args.steps)
+    except (ConfigError, HydraException, OmegaConfBaseException) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    rows = [local_row(cfg, batches, 1, args.warmup, args.steps),
+            local_row(cfg, batches, usable_cores(), args.warmup, args.steps)]
+    torch.set_num_threads(1)  # the parent only waits while the world runs
+    runs = [(schedule, m) for schedule in args.schedules for m in args.micro_batches]
+    rows += run_in_local_world(cfg, args.stages + 1, pipeline_rows, (runs, args.warmup, args.steps), args.timeout)
+    if not args.no_peer:
+        rows += peer_rows(cfg, runs, batches, args.stages, args.warmup, args.steps, args.timeout)
+    add_ratios(rows, args.batch_size, args.stages)
+    print(machine_line())
+    print(f"model={args.model} data={args.data} shape={list(cfg.data.shape)} batch={args.batch_size} "
+          f"steps={args.steps} (median) warmup={args.warmup} overrides={args.override or '-'}")
+    print(format_table(rows))
+    print(stage_notes(rows))
+    if args.csv:
+        write_csv(args.csv, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
