@@ -34,8 +34,10 @@ class PipelineConf:
     stages: Optional[int] = None
     # Each batch is split into this many micro-batches that flow through the stages.
     micro_batches: int = 4
-    # How layers are assigned to stages: "params", "time", or a list of layer counts.
-    balance: Any = "params"
+    # How layers are assigned to stages: "time" (measured forward+backward per layer), "params",
+    # or a list of layer counts. Parameter counts mislead for conv nets: the first conv blocks
+    # have the fewest parameters and the most compute.
+    balance: Any = "time"
     # "gpipe": every micro-batch enters at once; "1f1b": at most `stages` micro-batches in
     # flight, which bounds activation memory. Both run each backward as soon as it can.
     schedule: str = "1f1b"
