@@ -48,6 +48,21 @@ class PipelineConf:
 
 
 @dataclass
+class PSConf:
+    """mode=parameter_server: rank 0 drives, ranks 1..servers hold parameter shards, the rest train."""
+
+    # Ranks that hold a shard of the parameters (and its optimizer); the ranks after them train.
+    servers: int = 1
+    # true: each step the servers wait for every trainer's gradient, average, and step once
+    # (equivalent to one process with batch trainers x trainer.batch_size); false: each
+    # gradient is applied as soon as it arrives.
+    sync: bool = True
+    # Async only: a gradient computed on parameters more than this many updates behind the
+    # server is refused; the trainer refreshes its copy and recomputes before pushing again.
+    max_staleness: int = 4
+
+
+@dataclass
 class ModeConf:
     name: str = "pipeline"
 
@@ -91,6 +106,7 @@ class Config:
     mode: ModeConf = field(default_factory=ModeConf)
     runtime: RuntimeConf = field(default_factory=RuntimeConf)
     pipeline: PipelineConf = field(default_factory=PipelineConf)
+    ps: PSConf = field(default_factory=PSConf)
     trainer: TrainerConf = field(default_factory=TrainerConf)
     seed: int = 0
     # "cpu" or "cuda"; with cuda, stage k runs on cuda:(k mod #gpus).

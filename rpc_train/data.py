@@ -7,7 +7,7 @@ The pipeline driver and a single-process reference run both call `load_datasets`
 import os
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, TensorDataset
 
 from rpc_train.dataset_files import check_available
 from rpc_train.errors import ConfigError
@@ -66,6 +66,37 @@ def make_loaders(data, batch_size: int, seed: int) -> tuple[DataLoader, DataLoad
     )
     val_loader = DataLoader(val, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=0)
     return train_loader, val_loader
+
+
+class _BatchSlices(Sampler):
+    """Slice `part` of `parts` equal slices of every batch that `batches` yields."""
+
+    def __init__(self, batches: BatchSampler, part: int, parts: int):
+        self.batches, self.part, self.parts = batches, part, parts
+
+    def __iter__(self):
+        for batch in self.batches:
+            size = len(batch) // self.parts
+            yield batch[self.part * size:(self.part + 1) * size]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def make_trainer_loader(train: TensorDataset, batch_size: int, trainer: int, trainers: int,
+                        seed: int) -> DataLoader:
+    """Trainer `trainer`'s disjoint shard of the training set, `batch_size` samples a step.
+
+    Step t of trainer i is the slice [i*b, (i+1)*b) of the batch t that `make_loaders` with
+    batch N*b draws, epoch after epoch: N trainers together see exactly what one process with
+    batch N*b sees (the parameter-server sync equivalence rests on this). Sampler and loader
+    share one seeded generator, as `DataLoader(shuffle=True, generator=g)` does, so both draw
+    from it in the same order as that loader.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    whole = BatchSampler(RandomSampler(train, generator=generator), batch_size * trainers, drop_last=True)
+    return DataLoader(train, batch_sampler=_BatchSlices(whole, trainer, trainers),
+                      generator=generator, num_workers=0)
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+from typing import Callable, Dict, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -16,29 +17,41 @@ from rpc_train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
+# What a mode's fit returns: the final metrics, and how to gather the trained model's state.
+FitResult = Tuple[Dict[str, float], Callable[[], Dict[str, torch.Tensor]]]
+
 
 def build_engine(cfg: DictConfig, world_size: int):
     return PipelineEngine(cfg, world_size)
+
+
+def fit_pipeline(cfg: DictConfig, world_size: int, logger: RunLogger) -> FitResult:
+    engine = build_engine(cfg, world_size)
+    train_loader, val_loader = make_loaders(cfg.data, cfg.trainer.batch_size, cfg.seed)
+    engine.wait_ready()
+    timeline = TimelineLogger(logger, logger.log_dir, cfg.pipeline.timeline_every, cfg.pipeline.trace_step)
+    final = Trainer(engine, train_loader, val_loader, cfg.trainer, logger, hooks=[timeline]).fit()
+    return final, engine.state_dict
 
 
 def drive(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     """Train to the end and return the final metrics; workers are only reached by RPC."""
     check_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    engine = build_engine(cfg, world_size)
-    train_loader, val_loader = make_loaders(cfg.data, cfg.trainer.batch_size, cfg.seed)
-    engine.wait_ready()
+    if cfg.mode.name == "parameter_server":
+        from rpc_train.ps.driver import fit_parameter_server as fit  # the pipeline never loads ps/
+    else:
+        fit = fit_pipeline
     logger = RunLogger(run_dir)
     try:
         logger.config(cfg)
-        timeline = TimelineLogger(logger, run_dir, cfg.pipeline.timeline_every, cfg.pipeline.trace_step)
-        final = Trainer(engine, train_loader, val_loader, cfg.trainer, logger, hooks=[timeline]).fit()
+        final, state_dict = fit(cfg, world_size, logger)
         logger.hparams(flat_hparams(cfg), {k: v for k, v in final.items() if k.startswith(("val/", "throughput/"))})
     finally:
         logger.close()
     if cfg.trainer.save_model:
         path = os.path.join(run_dir, "model.pt")
-        torch.save(engine.state_dict(), path)
+        torch.save(state_dict(), path)
         log.info("saved the trained model's state_dict to %s", path)
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(final, f, indent=1)

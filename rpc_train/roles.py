@@ -1,6 +1,11 @@
-"""What each rank is in a job: which worker hosts which stage, and its device maps."""
+"""What each rank is in a job: which worker hosts which stage, and its device maps.
 
-from typing import Dict
+Pipeline mode: rank k+1 hosts stage k. Parameter-server mode: ranks 1..ps.servers host the
+parameter shards and every later rank is a trainer. Rank 0 always drives.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List
 
 from omegaconf import DictConfig
 
@@ -16,7 +21,24 @@ def stage_of(world: World, cfg: DictConfig):
 
 
 def stage_device_maps(cfg: DictConfig, world: World) -> Dict[str, Dict[str, str]]:
+    if cfg.mode.name != "pipeline":
+        return {}  # parameter servers and trainers exchange CPU tensors only
     stage = stage_of(world, cfg)
     if stage is None:
         return {}
     return pipeline_device_maps(cfg.device, stage, num_stages(cfg, world.size), worker_name(world.rank + 1))
+
+
+@dataclass(frozen=True)
+class ParameterServerRoles:
+    servers: List[str]  # worker names; server j holds shard j
+    trainers: List[str]  # worker names; trainer i reads data shard i
+
+
+def ps_roles(cfg: DictConfig, world_size: int) -> ParameterServerRoles:
+    """Ranks 1..ps.servers serve parameter shards; the rest train (validate.py checks the split)."""
+    servers = cfg.ps.servers
+    return ParameterServerRoles(
+        servers=[worker_name(rank) for rank in range(1, servers + 1)],
+        trainers=[worker_name(rank) for rank in range(servers + 1, world_size)],
+    )

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from rpc_train.config import register_configs
-from rpc_train.errors import ConfigError
+from rpc_train.errors import ConfigError, RunFailure
 from rpc_train.validate import validate
 
 register_configs()
@@ -43,6 +43,9 @@ def main(cfg: DictConfig) -> None:
         if os.environ.get("RANK", "0") == "0":  # every rank fails alike; one says why
             print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except RunFailure as err:  # raised on the driver only, after it stopped the workers
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,14 @@ Pure Python (no torch), so the launcher runs them before torchrun starts anythin
 rank runs them again before it joins RPC: a bad value fails fast and the same on every rank.
 """
 
+import os
 from typing import Iterator, Sequence
 
 from omegaconf import DictConfig
 
 from rpc_train.errors import ConfigError
 
-MODES = ("pipeline",)
+MODES = ("pipeline", "parameter_server")
 DEVICES = ("cpu", "cuda")
 BALANCE_STRATEGIES = ("params", "time")
 SCHEDULES = ("gpipe", "1f1b")
@@ -27,20 +28,35 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
         yield f"mode.name={cfg.mode.name}: expected one of {', '.join(MODES)}"
     if cfg.device not in DEVICES:
         yield f"device={cfg.device}: expected one of {', '.join(DEVICES)}"
-    trainer, pipe = cfg.trainer, cfg.pipeline
+    trainer = cfg.trainer
     yield from _positive("trainer.batch_size", trainer.batch_size)
     yield from _positive("trainer.epochs", trainer.epochs)
     yield from _positive("trainer.log_every", trainer.log_every)
     if trainer.max_steps is not None:
         yield from _positive("trainer.max_steps", trainer.max_steps)
-    yield from _positive("pipeline.micro_batches", pipe.micro_batches)
-    if pipe.micro_batches > trainer.batch_size >= 1:
-        yield (f"pipeline.micro_batches={pipe.micro_batches} is larger than "
-               f"trainer.batch_size={trainer.batch_size}: each micro-batch needs at least one sample")
+    parameter_server = cfg.mode.name == "parameter_server"
+    if not parameter_server:
+        yield from _micro_batch_problems(cfg.pipeline, trainer.batch_size)
     if world_size < 2:
         yield (f"world size {world_size} (NPROC x NNODES): rpc_train needs at least 2 processes, "
                "a driver and one worker; use NPROC=2 or more")
         return
+    if parameter_server:
+        yield from _ps_problems(cfg, world_size)
+    else:
+        yield from _stage_problems(cfg.pipeline, world_size)
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        yield f"data.val_fraction={cfg.data.val_fraction}: must be between 0 and 1"
+
+
+def _micro_batch_problems(pipe: DictConfig, batch_size: int) -> Iterator[str]:
+    yield from _positive("pipeline.micro_batches", pipe.micro_batches)
+    if pipe.micro_batches > batch_size >= 1:
+        yield (f"pipeline.micro_batches={pipe.micro_batches} is larger than "
+               f"trainer.batch_size={batch_size}: each micro-batch needs at least one sample")
+
+
+def _stage_problems(pipe: DictConfig, world_size: int) -> Iterator[str]:
     if pipe.stages is not None:
         yield from _positive("pipeline.stages", pipe.stages)
         if pipe.stages > world_size - 1:
@@ -50,8 +66,22 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
     yield from _balance_problems(pipe.balance, pipe.stages or world_size - 1)
     if pipe.schedule not in SCHEDULES:
         yield f"pipeline.schedule={pipe.schedule}: expected one of {', '.join(SCHEDULES)}"
-    if not 0.0 < cfg.data.val_fraction < 1.0:
-        yield f"data.val_fraction={cfg.data.val_fraction}: must be between 0 and 1"
+
+
+def _ps_problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
+    """The parameter-server split of the world: a driver, ps.servers servers, >= 1 trainer."""
+    ps = cfg.ps
+    if ps.servers is None or ps.servers < 1:
+        yield f"ps.servers={ps.servers}: must be a positive integer (ranks holding parameter shards)"
+    elif ps.servers > world_size - 2:
+        fewer = f" or ps.servers<={world_size - 2}" if world_size >= 3 else ""
+        yield (f"ps.servers={ps.servers} leaves no trainer in a world of {world_size} (NPROC x NNODES): "
+               f"need NPROC >= ps.servers + 2 = {ps.servers + 2} (driver, servers, a trainer){fewer}")
+    if ps.max_staleness is None or ps.max_staleness < 0:
+        yield f"ps.max_staleness={ps.max_staleness}: must be 0 or more (updates a gradient may lag)"
+    if cfg.device != "cpu":
+        yield (f"device={cfg.device}: mode=parameter_server runs on CPU only (servers and trainers "
+               "exchange CPU tensors); use device=cpu")
 
 
 def _balance_problems(balance, stages: int) -> Iterator[str]:

@@ -1,0 +1,155 @@
+"""The parameter-server driver (rank 0): builds servers and trainers, runs epochs, validates.
+
+Each epoch the driver starts every live trainer's `run_epoch` by RPC and watches their
+reports until all are done (`ProgressMonitor`); then it fetches the servers' shards into its
+own model copy and validates. Ending every epoch together costs one round trip per epoch
+(and, in async mode, fast trainers wait once per epoch for slow ones) and makes validation
+see the model exactly at the epoch boundary, in both modes.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+import torch.distributed.rpc as rpc
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from rpc_train.data import make_loaders
+from rpc_train.errors import ConfigError, RunFailure
+from rpc_train.local import LocalEngine
+from rpc_train.metrics import RunLogger
+from rpc_train.ps.progress import ProgressMonitor
+from rpc_train.ps.server import ParameterServer
+from rpc_train.ps.sharding import shard_by_size, tensor_sizes
+from rpc_train.ps.worker import TrainerWorker
+from rpc_train.roles import ParameterServerRoles, ps_roles
+from rpc_train.trainer import evaluate
+
+log = logging.getLogger(__name__)
+
+
+def _as_dict(node):
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def build_servers(cfg: DictConfig, roles: ParameterServerRoles, shards: List[List[str]]) -> list:
+    trainers = len(roles.trainers)
+    return [rpc.remote(worker, ParameterServer, args=(
+                j, shards[j], _as_dict(cfg.model), _as_dict(cfg.optim), _as_dict(cfg.scheduler) or None,
+                cfg.seed, trainers, cfg.ps.sync, cfg.ps.max_staleness))
+            for j, worker in enumerate(roles.servers)]
+
+
+def build_trainers(cfg: DictConfig, roles: ParameterServerRoles, shards: List[List[str]],
+                   total_steps: int) -> list:
+    where = list(zip(roles.servers, shards))
+    heartbeat_s = cfg.runtime.rpc_timeout_s / 4  # well inside the driver's stall limit
+    return [rpc.remote(worker, TrainerWorker, args=(
+                i, len(roles.trainers), where, _as_dict(cfg.model), _as_dict(cfg.data),
+                cfg.trainer.batch_size, cfg.seed, total_steps, cfg.trainer.log_every, heartbeat_s))
+            for i, worker in enumerate(roles.trainers)]
+
+
+def plan_steps(cfg: DictConfig, train_size: int, trainers: int) -> tuple:
+    """(steps per epoch, total steps): each step takes trainers x batch_size samples."""
+    per_step = trainers * cfg.trainer.batch_size
+    if per_step > train_size:
+        raise ConfigError(
+            f"trainer.batch_size={cfg.trainer.batch_size} x {trainers} trainers = {per_step} samples "
+            f"a step, more than the {train_size} training samples of data={cfg.data.name}; "
+            f"use trainer.batch_size<={train_size // trainers}")
+    per_epoch = train_size // per_step
+    total = cfg.trainer.epochs * per_epoch
+    return per_epoch, min(total, cfg.trainer.max_steps) if cfg.trainer.max_steps else total
+
+
+def reset_server_clocks(servers: list) -> None:
+    torch.futures.wait_all([s.rpc_async().pop_stats() for s in servers])
+
+
+def gather_state(servers: list) -> Dict[str, torch.Tensor]:
+    """The whole model's state, named as in the `models/` class, from every server's shard."""
+    state: Dict[str, torch.Tensor] = {}
+    for part in torch.futures.wait_all([s.rpc_async().state_dict() for s in servers]):
+        state.update(part)
+    return state
+
+
+@dataclass
+class ParameterServerJob:
+    """Everything the driver built: its model copy, the servers and trainers, the plan."""
+
+    roles: ParameterServerRoles
+    reference: LocalEngine  # the driver's own model copy, for validation only
+    servers: list  # RRefs to ParameterServer, by server id
+    trainers: list  # RRefs to TrainerWorker, by trainer id
+    val_loader: DataLoader
+    per_epoch: int
+    total: int
+
+
+def start_job(cfg: DictConfig, world_size: int) -> ParameterServerJob:
+    """Shard the model, build the servers then the trainers, and wait until all are ready."""
+    roles = ps_roles(cfg, world_size)
+    reference = LocalEngine(cfg)
+    shards = shard_by_size(tensor_sizes(reference.model), len(roles.servers))
+    servers = build_servers(cfg, roles, shards)
+    # Loaded while the servers build; the train loader is only counted, the trainers own theirs.
+    train_loader, val_loader = make_loaders(cfg.data, cfg.trainer.batch_size, cfg.seed)
+    per_epoch, total = plan_steps(cfg, len(train_loader.dataset), len(roles.trainers))
+    # Trainers fetch from the servers by id, not through the RRefs, so no trainer may start
+    # before every server exists: a call through an RRef waits for its object, a plain one not.
+    reset_server_clocks(servers)
+    trainers = build_trainers(cfg, roles, shards, total)
+    torch.futures.wait_all([t.rpc_async().steps_per_epoch() for t in trainers])
+    reset_server_clocks(servers)  # updates/s counts from the first step, not from start-up
+    log.info("parameter server (%s): %d server(s) on %s holding %s tensors, %d trainer(s) on %s",
+             "sync" if cfg.ps.sync else f"async, max staleness {cfg.ps.max_staleness}",
+             len(servers), ", ".join(roles.servers), [len(s) for s in shards],
+             len(trainers), ", ".join(roles.trainers))
+    return ParameterServerJob(roles, reference, servers, trainers, val_loader, per_epoch, total)
+
+
+def fit_parameter_server(cfg: DictConfig, world_size: int, logger: RunLogger):
+    """Train to the end; (final metrics, a function that gathers the trained state)."""
+    started = time.perf_counter()
+    job = start_job(cfg, world_size)
+    monitor = ProgressMonitor(logger, job.roles.trainers, job.servers, cfg.ps.sync,
+                              cfg.runtime.rpc_timeout_s, job.total, cfg.trainer.progress)
+    try:
+        run_epochs(cfg, job, monitor, logger)
+    finally:
+        monitor.close()
+    stuck = monitor.stuck_trainers()
+    if stuck:
+        raise RunFailure(f"{', '.join(stuck)} stopped reporting and never finished; the other trainers "
+                         f"finished the run (validation is in TensorBoard), but a stuck process cannot "
+                         f"join the shutdown, so the job stops without saving model.pt")
+    monitor.final["time/total_s"] = time.perf_counter() - started
+    return monitor.final, lambda: gather_state(job.servers)
+
+
+def run_epochs(cfg: DictConfig, job: ParameterServerJob, monitor: ProgressMonitor, logger: RunLogger) -> None:
+    done = 0
+    for epoch in range(cfg.trainer.epochs):
+        steps = min(job.per_epoch, job.total - done)
+        if steps <= 0:
+            break
+        # timeout=0: an epoch may take longer than any one RPC; the monitor bounds silence.
+        monitor.watch({i: job.trainers[i].rpc_async(timeout=0).run_epoch(epoch, steps)
+                       for i in sorted(monitor.live)})
+        done += steps
+        _validate(job, logger, monitor.final, epoch, done)
+
+
+def _validate(job: ParameterServerJob, logger: RunLogger, final: Dict[str, float], epoch: int, step: int) -> None:
+    job.reference.model.load_state_dict(gather_state(job.servers))
+    scalars = evaluate(job.reference, job.val_loader)
+    log.info("epoch %d step %d: val loss %.4f, val accuracy %.4f",
+             epoch, step, scalars["val/loss"], scalars["val/accuracy"])
+    logger.scalars(step, scalars)
+    logger.flush()
+    final.update(scalars)
