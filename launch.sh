@@ -10,6 +10,8 @@
 #   NODE_RANK      this machine's index, 0..NNODES-1 (default 0)
 #   RDZV_ENDPOINT  host:port of the c10d rendezvous, required when NNODES > 1
 #   RUN_DIR        output directory (default outputs/DATE/TIME-XXXXXX, shared by all ranks)
+#   MAX_RESTARTS   times torchrun restarts the whole group after a rank fails (default 0); each
+#                  restart resumes from the run's newest checkpoint (checkpoint.resume=auto)
 #   PYTHON         interpreter to use (default python3)
 # Exit status: 0 when every rank succeeded, 2 for a configuration error, otherwise non-zero.
 set -euo pipefail
@@ -17,6 +19,7 @@ set -euo pipefail
 NPROC=${NPROC:-3}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
 PYTHON=${PYTHON:-python3}
 
 die() { echo "error: $*" >&2; exit 2; }
@@ -27,6 +30,8 @@ is_count "$NNODES" || die "NNODES=$NNODES: must be a positive integer (machines 
 if ! [[ $NODE_RANK =~ ^[0-9]+$ ]] || (( NODE_RANK >= NNODES )); then
   die "NODE_RANK=$NODE_RANK: must be an integer from 0 to NNODES-1=$((NNODES - 1))"
 fi
+[[ $MAX_RESTARTS =~ ^[0-9]+$ ]] ||
+  die "MAX_RESTARTS=$MAX_RESTARTS: must be 0 or a positive integer (restarts after a failure)"
 
 # Introspection flags compose and print the config in one process; nothing is launched.
 for arg in "$@"; do
@@ -59,6 +64,9 @@ mkdir -p "$RUN_DIR"
 
 # Each rank sets its own intra-op thread count (runtime.threads); this only quiets torchrun.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# A fresh rendezvous store per attempt: torchrun's shared one keeps the failed attempt's keys,
+# and a restarted group's init_rpc reads them and hangs (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 if (( NNODES == 1 )); then
   rdzv=(--standalone)
@@ -68,5 +76,5 @@ else
 fi
 
 echo "rpc_train: run dir $RUN_DIR" >&2
-exec "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" \
+exec "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS" \
   -m rpc_train.train "hydra.run.dir=$RUN_DIR" "$@"

@@ -95,6 +95,21 @@ class TrainerConf:
     progress: bool = True
     # Write the trained model as a plain state_dict (model.pt) in the run dir.
     save_model: bool = True
+    # A NaN or infinite loss stops the run (false) or skips that step, counted in
+    # train/skipped_steps (true). Either way no optimizer steps on it.
+    skip_nonfinite: bool = False
+
+
+@dataclass
+class CheckpointConf:
+    # Save under <run dir>/checkpoints/step_<N>/ every N optimizer steps (and always at the
+    # end); 0 saves only at the end.
+    every_steps: int = 0
+    # Keep the newest N checkpoints; older ones are removed after each save.
+    keep: int = 2
+    # auto: go on from the newest intact checkpoint in the run dir, if any; none: start over;
+    # or a path to a checkpoints/step_<N> directory, or to a run dir (its newest one).
+    resume: str = "auto"
 
 
 @dataclass
@@ -111,6 +126,7 @@ class Config:
     seed: int = 0
     # "cpu" or "cuda"; with cuda, stage k runs on cuda:(k mod #gpus).
     device: str = "cpu"
+    checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
 
 
 def register_configs() -> None:

@@ -8,10 +8,13 @@ from typing import Callable, Dict, Tuple
 import torch
 from omegaconf import DictConfig
 
+from rpc_train.checkpointer import Checkpointer
 from rpc_train.data import make_loaders
 from rpc_train.devices import check_device
+from rpc_train.liveness import WorkerWatch
 from rpc_train.metrics import RunLogger, flat_hparams
 from rpc_train.pipeline import PipelineEngine
+from rpc_train.runtime import worker_name
 from rpc_train.timeline import TimelineLogger
 from rpc_train.trainer import Trainer
 
@@ -26,11 +29,16 @@ def build_engine(cfg: DictConfig, world_size: int):
 
 
 def fit_pipeline(cfg: DictConfig, world_size: int, logger: RunLogger) -> FitResult:
-    engine = build_engine(cfg, world_size)
+    workers = [worker_name(rank) for rank in range(1, world_size)]
+    engine = WorkerWatch(build_engine(cfg, world_size), workers, cfg.runtime.rpc_timeout_s)
     train_loader, val_loader = make_loaders(cfg.data, cfg.trainer.batch_size, cfg.seed)
     engine.wait_ready()
+    checkpoints = Checkpointer(cfg, logger.log_dir, engine, logger)
+    start = checkpoints.resume()
     timeline = TimelineLogger(logger, logger.log_dir, cfg.pipeline.timeline_every, cfg.pipeline.trace_step)
-    final = Trainer(engine, train_loader, val_loader, cfg.trainer, logger, hooks=[timeline]).fit()
+    final = Trainer(engine, train_loader, val_loader, cfg.trainer, logger, hooks=[timeline, checkpoints],
+                    start=start).fit()
+    checkpoints.save()  # the final one, unless the last step just saved it
     return final, engine.state_dict
 
 

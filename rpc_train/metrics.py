@@ -6,6 +6,7 @@ Tags are grouped by prefix: train/, val/, throughput/, time/, stage<k>/ and lr.
 from typing import Dict, Mapping
 
 from omegaconf import DictConfig, OmegaConf
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
@@ -35,6 +36,15 @@ class RunLogger:
         for summary in hparams(clean, metric_tags):
             self.writer.file_writer.add_summary(summary)
         self.scalars(0, metric_tags)
+
+    def resumed_at(self, step: int) -> None:
+        """Hide what an interrupted attempt logged after `step`, which this one logs again.
+
+        On a SessionLog START at step s, TensorBoard drops the events read before it whose step
+        is s or later (SummaryWriter's purge_step writes the same event, but only on opening).
+        """
+        start = SessionLog(status=SessionLog.START)
+        self.writer.file_writer.add_event(Event(step=step + 1, session_log=start))
 
     def flush(self) -> None:
         self.writer.flush()

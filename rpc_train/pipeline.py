@@ -168,3 +168,15 @@ class PipelineEngine:
         for part in torch.futures.wait_all([s.rpc_async().state_dict() for s in self.stages]):
             state.update(part)
         return state
+
+    # Checkpoints (rpc_train/checkpointer.py): every stage reads and writes its own share.
+    def save_checkpoint(self, directory: str) -> List[dict]:
+        """Each stage writes its file into `directory`, all at once; their manifest records."""
+        return torch.futures.wait_all([s.rpc_async().save_checkpoint(directory) for s in self.stages])
+
+    def load_checkpoint(self, directory: str, index: Dict[str, str]) -> None:
+        """Each stage loads the tensors it owns, by name, from whichever files hold them."""
+        torch.futures.wait_all([s.rpc_async().load_checkpoint(directory, index) for s in self.stages])
+
+    def layout(self) -> Dict[str, Any]:
+        return {"stages": len(self.stages), "layers_per_stage": list(self.counts), "workers": self.workers}

@@ -17,6 +17,7 @@ import torch
 import torch.distributed.rpc as rpc
 
 from rpc_train.config import RuntimeConf
+from rpc_train.liveness import ask_whereabouts, kill_if_sibling, timed_out
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +122,15 @@ def rpc_session(runtime: RuntimeConf, world: World, device_maps=None) -> Iterato
     set_listen_interface(runtime, world)
     rpc.init_rpc(world.name, rank=world.rank, world_size=world.size,
                  rpc_backend_options=backend_options(runtime, device_maps))
+    workers = [worker_name(r) for r in range(1, world.size)]
+    whereabouts = ask_whereabouts(workers) if world.is_driver else {}
     try:
         yield
-    except BaseException:
+    except BaseException as err:
         if world.is_driver:
-            abort_workers(world)
+            # Said first: once a worker exits, torchrun may end this process before it prints.
+            log.error("stopping every worker after %s: %s", type(err).__name__, str(err).strip().split("\n")[0])
+            abort_workers(world, whereabouts)
         rpc.shutdown(graceful=False)
         raise
     rpc.shutdown()
@@ -137,16 +142,19 @@ def _exit_soon(code: int, delay_s: float) -> None:
     threading.Timer(delay_s, os._exit, args=(code,)).start()
 
 
-def abort_workers(world: World, code: int = 1, delay_s: float = 2.0) -> None:
+def abort_workers(world: World, whereabouts: Optional[Dict] = None, code: int = 1, delay_s: float = 5.0) -> None:
     """Make every worker exit with `code` shortly (best effort: dead workers are skipped).
 
     On one machine torchrun stops the workers as soon as the driver fails; the timer is
-    what ends workers on other machines.
+    what ends workers on other machines. A stopped worker never answers, so the wait is
+    bounded well inside `delay_s`: the driver ends first and torchrun reports its error.
+    One that does not answer is killed if it runs on this machine (`liveness.kill_if_sibling`).
     """
-    futures = [rpc.rpc_async(worker_name(r), _exit_soon, args=(code, delay_s), timeout=5)
-               for r in range(1, world.size)]
-    for future in futures:
+    names = [worker_name(r) for r in range(1, world.size)]
+    futures = [rpc.rpc_async(name, _exit_soon, args=(code, delay_s), timeout=delay_s / 2) for name in names]
+    for name, future in zip(names, futures):
         try:
             future.wait()
-        except Exception:  # the worker is already gone, which is what we wanted
-            pass
+        except Exception as err:  # noqa: BLE001 - gone already (what we wanted), or silent
+            if timed_out(err):
+                kill_if_sibling(name, (whereabouts or {}).get(name))

@@ -16,6 +16,7 @@ import torch.distributed.rpc as rpc
 from torch import nn
 
 from rpc_train.builders import build_model, build_optimizer
+from rpc_train.worker_state import load_worker_state, save_worker_state
 
 # The stages hosted by this process, by stage id, for `forward_on_stage`.
 _LOCAL_STAGES: Dict[int, "StageWorker"] = {}
@@ -144,6 +145,29 @@ class StageWorker:
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.params)
+
+    # Checkpoints: this stage's share, keyed by names of the full model (rpc_train/worker_state.py),
+    # so a checkpoint saved with another split of the layers loads here too.
+    def _global_name(self, local: str) -> str:
+        idx, rest = local.split(".", 1)
+        return f"{self.layers[int(idx)]}.{rest}"
+
+    def _param_names(self) -> List[str]:
+        # In the optimizer's order, that of self.params.
+        return [self._global_name(n) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def _owner(self) -> list:
+        return ["pipeline layers", self.layers.start, self.layers.stop]
+
+    def save_checkpoint(self, directory: str) -> Dict[str, Any]:
+        return save_worker_state(directory, f"stage{self.stage_id}.pt", self.state_dict(), self.optimizer,
+                                 self._param_names(), self.scheduler, self._owner())
+
+    def load_checkpoint(self, directory: str, index: Dict[str, str]) -> None:
+        local = {self._global_name(n): n for n in self.module.state_dict()}
+        tensors = load_worker_state(directory, index, local, self.optimizer, self._param_names(),
+                                    self.scheduler, self._owner())
+        self.module.load_state_dict({local[name]: t for name, t in tensors.items()})
 
 
 @rpc.functions.async_execution

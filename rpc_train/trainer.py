@@ -4,15 +4,20 @@ An engine offers `train_step(x, y)` and `eval_step(x, y)` returning a `StepResul
 owns epochs, step limits, validation, metrics and the progress bar.
 """
 
+import itertools
 import logging
+import math
 import time
 from collections import defaultdict
-from typing import Callable, Dict, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Optional, Sequence
 
+import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from rpc_train.config import TrainerConf
+from rpc_train.errors import RunFailure
 from rpc_train.metrics import RunLogger
 
 log = logging.getLogger(__name__)
@@ -59,15 +64,36 @@ def evaluate(engine, val_loader: DataLoader) -> Dict[str, float]:
     return {"val/loss": loss / count, "val/accuracy": correct / count}
 
 
+@dataclass
+class Position:
+    """Where training stands: what a checkpoint records so a resumed run sees the same batches."""
+
+    step: int = 0  # optimizer steps done; skipped non-finite steps count too
+    epoch: int = 0
+    batch: int = 0  # batches of `epoch` done
+    # The shuffling generator's state when `epoch` began; None until an epoch has begun.
+    loader_state: Optional[torch.Tensor] = None
+    skipped: int = 0  # steps skipped for a non-finite loss (trainer.skip_nonfinite)
+
+
 class Trainer:
     def __init__(self, engine, train_loader: DataLoader, val_loader: DataLoader,
                  cfg: TrainerConf, logger: Optional[RunLogger] = None,
-                 hooks: Sequence[Callable[[int, object], None]] = ()):
-        """`hooks` are called as hook(step, result) after every training step."""
+                 hooks: Sequence[Callable[[int, object], None]] = (), start: Optional[Position] = None):
+        """`hooks` are called as hook(step, result) after every training step. `start` (from a
+        checkpoint) is where to go on from; the loop advances that object in place."""
         self.engine, self.cfg, self.logger, self.hooks = engine, cfg, logger, list(hooks)
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.step = 0
+        self.position = start if start is not None else Position()
         self.final: Dict[str, float] = {}
+
+    @property
+    def step(self) -> int:
+        return self.position.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.position.step = value
 
     def total_steps(self) -> int:
         total = self.cfg.epochs * len(self.train_loader)
@@ -76,23 +102,27 @@ class Trainer:
     def fit(self) -> Dict[str, float]:
         total = self.total_steps()
         window, started = _Window(), time.perf_counter()
-        bar = tqdm(total=total, desc="train", unit="step", disable=not self.cfg.progress,
+        bar = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=not self.cfg.progress,
                    dynamic_ncols=True)
         with bar:
-            for epoch in range(self.cfg.epochs):
-                for x, y in self.train_loader:
+            for epoch in range(self.position.epoch, self.cfg.epochs):
+                for x, y in self._batches(epoch):
                     if self.step >= total:
                         break
                     t0 = time.perf_counter()
                     result = self.engine.train_step(x, y)
-                    window.add(result, len(y), time.perf_counter() - t0)
+                    if self._applied(result):
+                        window.add(result, len(y), time.perf_counter() - t0)
                     self.step += 1
+                    self.position.batch += 1
                     bar.update()
                     for hook in self.hooks:
                         hook(self.step, result)
                     if self.step % self.cfg.log_every == 0 or self.step == total:
-                        scalars = window.scalars()
-                        bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", epoch=epoch)
+                        scalars = window.scalars() if window.steps else {}
+                        if self.cfg.skip_nonfinite:
+                            scalars["train/skipped_steps"] = self.position.skipped
+                        bar.set_postfix(loss=f"{scalars.get('train/loss', math.nan):.4f}", epoch=epoch)
                         self._log(scalars)
                         self.final.update(scalars)
                         window.reset()
@@ -101,6 +131,36 @@ class Trainer:
                     break
         self.final["time/total_s"] = time.perf_counter() - started
         return self.final
+
+    def _batches(self, epoch: int) -> Iterable:
+        """This epoch's batches, less those a resumed run already trained on.
+
+        Restoring the shuffling generator to its state at the epoch's start makes the loader
+        draw the same order again; the batches done are then skipped (read, not trained on).
+        """
+        position, generator = self.position, self.train_loader.generator
+        if epoch == position.epoch and position.loader_state is not None:
+            generator.set_state(position.loader_state)
+            return itertools.islice(self.train_loader, position.batch, None)
+        position.epoch, position.batch = epoch, 0
+        position.loader_state = generator.get_state() if generator is not None else None
+        return self.train_loader
+
+    def _applied(self, result) -> bool:
+        """False for a step skipped for its non-finite loss; raises unless such steps may be skipped."""
+        if math.isfinite(result.loss) and not getattr(result, "skipped", False):
+            return True
+        at = self.step + 1
+        if not getattr(result, "skipped", False):  # an engine that stepped anyway: nothing to keep
+            raise RunFailure(f"non-finite loss ({result.loss}) at step {at}, already applied by the optimizers; "
+                             "lower optim.lr")
+        if not self.cfg.skip_nonfinite:
+            raise RunFailure(f"non-finite loss ({result.loss}) at step {at}; no optimizer stepped on it and "
+                             "no checkpoint is written after it; lower optim.lr, or set "
+                             "trainer.skip_nonfinite=true to skip such steps")
+        self.position.skipped += 1
+        log.warning("non-finite loss (%s) at step %d: skipped (trainer.skip_nonfinite=true)", result.loss, at)
+        return False
 
     def _validate(self, epoch: int) -> None:
         scalars = evaluate(self.engine, self.val_loader)

@@ -34,6 +34,7 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
     yield from _positive("trainer.log_every", trainer.log_every)
     if trainer.max_steps is not None:
         yield from _positive("trainer.max_steps", trainer.max_steps)
+    yield from _checkpoint_problems(cfg)
     parameter_server = cfg.mode.name == "parameter_server"
     if not parameter_server:
         yield from _micro_batch_problems(cfg.pipeline, trainer.batch_size)
@@ -47,6 +48,19 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
         yield from _stage_problems(cfg.pipeline, world_size)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         yield f"data.val_fraction={cfg.data.val_fraction}: must be between 0 and 1"
+
+
+def _checkpoint_problems(cfg: DictConfig) -> Iterator[str]:
+    ckpt = cfg.checkpoint
+    if ckpt.every_steps is None or ckpt.every_steps < 0:
+        yield (f"checkpoint.every_steps={ckpt.every_steps}: must be 0 (save only at the end) "
+               "or a positive number of steps")
+    yield from _positive("checkpoint.keep", ckpt.keep)
+    if ckpt.resume not in ("auto", "none") and not os.path.isdir(os.path.expanduser(ckpt.resume)):
+        yield (f"checkpoint.resume={ckpt.resume}: no such directory; use auto, none, a "
+               "checkpoints/step_<N> directory or a run directory")
+    if cfg.mode.name == "parameter_server" and (ckpt.every_steps or ckpt.resume not in ("auto", "none")):
+        yield "checkpoint.*: mode=parameter_server does not save or resume checkpoints yet; use mode=pipeline"
 
 
 def _micro_batch_problems(pipe: DictConfig, batch_size: int) -> Iterator[str]:
