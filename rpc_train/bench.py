@@ -122,14 +122,18 @@ def pipeline_rows(world: World, cfg: DictConfig, runs: List[tuple], warmup: int,
         rows.append({"setup": f"rpc_train {schedule} K={k}", "micro_batches": m,
                      "threads_processes": f"{world.size} proc: driver + {k}x1 thread",
                      "median_step_ms": 1e3 * statistics.median(seconds), "stage_ms": stage_ms})
-        del engine  # its RRefs go, so the old stages can be freed before the next ones are built
+        engine.close()  # the old stages are freed before the next ones are built
     return rows
 
 
 def peer_rows(cfg: DictConfig, runs: List[tuple], batches: list, k: int, warmup: int, steps: int,
               timeout: float) -> List[Dict]:
-    """torch.distributed.pipelining over gloo on the same stage split: the peer to beat."""
-    medians = peer_medians(cfg, k, runs, batches, steps, warmup, timeout)
+    """torch.distributed.pipelining over gloo on the same stage split: the peer to beat.
+
+    Its schedules need at least K micro-batches, so smaller counts have no peer row.
+    """
+    runs = [(schedule, m) for schedule, m in runs if m >= k]
+    medians = peer_medians(cfg, k, runs, batches, steps, warmup, timeout) if runs else {}
     return [{"setup": f"torch pipelining {schedule} K={k}", "micro_batches": m,
              "threads_processes": f"{k} proc x1 thread", "median_step_ms": 1e3 * medians[(schedule, m)]}
             for schedule, m in runs]
