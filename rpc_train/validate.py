@@ -28,6 +28,7 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
         yield f"mode.name={cfg.mode.name}: expected one of {', '.join(MODES)}"
     if cfg.device not in DEVICES:
         yield f"device={cfg.device}: expected one of {', '.join(DEVICES)}"
+    yield from _runtime_problems(cfg)
     trainer = cfg.trainer
     yield from _positive("trainer.batch_size", trainer.batch_size)
     yield from _positive("trainer.epochs", trainer.epochs)
@@ -37,7 +38,7 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
     yield from _checkpoint_problems(cfg)
     parameter_server = cfg.mode.name == "parameter_server"
     if not parameter_server:
-        yield from _micro_batch_problems(cfg.pipeline, trainer.batch_size)
+        yield from _micro_batch_problems(cfg.pipeline, trainer.batch_size, cfg.runtime.num_worker_threads)
     if world_size < 2:
         yield (f"world size {world_size} (NPROC x NNODES): rpc_train needs at least 2 processes, "
                "a driver and one worker; use NPROC=2 or more")
@@ -63,8 +64,25 @@ def _checkpoint_problems(cfg: DictConfig) -> Iterator[str]:
         yield "checkpoint.*: mode=parameter_server does not save or resume checkpoints yet; use mode=pipeline"
 
 
-def _micro_batch_problems(pipe: DictConfig, batch_size: int) -> Iterator[str]:
+def _runtime_problems(cfg: DictConfig) -> Iterator[str]:
+    runtime = cfg.runtime
+    if not runtime.rpc_timeout_s > 0:
+        # TensorPipe reads 0 as "no timeout": a stuck worker would hang the job forever.
+        yield f"runtime.rpc_timeout_s={runtime.rpc_timeout_s}: must be a positive number of seconds"
+    yield from _positive("runtime.num_worker_threads", runtime.num_worker_threads)
+    if runtime.threads < 0:
+        yield f"runtime.threads={runtime.threads}: must be 0 (share the cores) or a positive count"
+    if cfg.pipeline.timeline_every < 0:
+        yield f"pipeline.timeline_every={cfg.pipeline.timeline_every}: must be 0 (never) or a positive count"
+
+
+def _micro_batch_problems(pipe: DictConfig, batch_size: int, rpc_threads: int) -> Iterator[str]:
     yield from _positive("pipeline.micro_batches", pipe.micro_batches)
+    if pipe.micro_batches >= rpc_threads:
+        # A stage runs micro-batches in order; each one waiting for its turn holds an RPC
+        # thread, so as many waiting as there are threads would leave none for the one due.
+        yield (f"pipeline.micro_batches={pipe.micro_batches} needs runtime.num_worker_threads > "
+               f"{pipe.micro_batches} (it is {rpc_threads}): raise it, or use fewer micro-batches")
     if pipe.micro_batches > batch_size >= 1:
         yield (f"pipeline.micro_batches={pipe.micro_batches} is larger than "
                f"trainer.batch_size={batch_size}: each micro-batch needs at least one sample")

@@ -58,11 +58,13 @@ def test_typos_and_wrong_types_fail_at_compose_time(override):
 @pytest.mark.parametrize("overrides, world_size, needle", [
     (["pipeline.micro_batches=0"], 3, "pipeline.micro_batches=0"),
     (["pipeline.stages=3"], 3, "pipeline.stages=3"),
-    (["pipeline.micro_batches=16", "trainer.batch_size=8"], 3, "trainer.batch_size=8"),
+    (["pipeline.micro_batches=12", "trainer.batch_size=8"], 3, "trainer.batch_size=8"),
     ([], 1, "NPROC"),
     (["pipeline.balance=fast"], 3, "pipeline.balance=fast"),
     (["pipeline.balance=[1,2,3]"], 3, "2 positive layer counts"),
     (["device=tpu"], 3, "device=tpu"),
+    (["runtime.rpc_timeout_s=0"], 3, "runtime.rpc_timeout_s=0"),
+    (["pipeline.micro_batches=16"], 3, "runtime.num_worker_threads > 16"),
 ])
 def test_validate_names_the_bad_value(overrides, world_size, needle):
     with pytest.raises(ConfigError) as err:
