@@ -13,7 +13,8 @@
 #   MAX_RESTARTS   times torchrun restarts the whole group after a rank fails (default 0); each
 #                  restart resumes from the run's newest checkpoint (checkpoint.resume=auto)
 #   PYTHON         interpreter to use (default python3)
-# Exit status: 0 when every rank succeeded, 2 for a configuration error, otherwise non-zero.
+# Exit status: 0 when every rank succeeded, 2 for a bad value found before any process starts,
+# otherwise non-zero (a configuration error found mid-run, by the driver, exits 1).
 set -euo pipefail
 
 NPROC=${NPROC:-3}

@@ -71,7 +71,7 @@ def configure_threads(runtime: RuntimeConf, world: World) -> int:
     """
     if runtime.threads > 0:
         threads = runtime.threads
-    elif world.is_driver or world.local_size == 1:
+    elif world.is_driver:
         threads = 1 if world.size > 1 else usable_cores()
     else:
         local_workers = world.local_size - (1 if world.rank < world.local_size else 0)
@@ -150,9 +150,13 @@ def abort_workers(world: World, whereabouts: Optional[Dict] = None, code: int = 
     bounded well inside `delay_s`: the driver ends first and torchrun reports its error.
     One that does not answer is killed if it runs on this machine (`liveness.kill_if_sibling`).
     """
-    names = [worker_name(r) for r in range(1, world.size)]
-    futures = [rpc.rpc_async(name, _exit_soon, args=(code, delay_s), timeout=delay_s / 2) for name in names]
-    for name, future in zip(names, futures):
+    futures = {}
+    for name in (worker_name(r) for r in range(1, world.size)):
+        try:
+            futures[name] = rpc.rpc_async(name, _exit_soon, args=(code, delay_s), timeout=delay_s / 2)
+        except RuntimeError:  # the agent already knows this worker's connection is closed: gone
+            pass
+    for name, future in futures.items():
         try:
             future.wait()
         except Exception as err:  # noqa: BLE001 - gone already (what we wanted), or silent
