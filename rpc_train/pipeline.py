@@ -169,6 +169,11 @@ class PipelineEngine:
             state.update(part)
         return state
 
+    def close(self) -> None:
+        """Free the micro-batch threads and the stages (for a process that builds engines anew)."""
+        self._pool.shutdown(wait=True)
+        torch.futures.wait_all([s.rpc_async().release() for s in self.stages])
+
     # Checkpoints (rpc_train/checkpointer.py): every stage reads and writes its own share.
     def save_checkpoint(self, directory: str) -> List[dict]:
         """Each stage writes its file into `directory`, all at once; their manifest records."""

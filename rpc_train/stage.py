@@ -143,8 +143,10 @@ class StageWorker:
             out[f"{self.layers[int(idx)]}.{rest}"] = value.detach().cpu()
         return out
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.params)
+    def release(self) -> None:
+        """Forget this stage so its tensors can be freed once the driver's RRef goes too."""
+        if _LOCAL_STAGES.get(self.stage_id) is self:
+            del _LOCAL_STAGES[self.stage_id]
 
     # Checkpoints: this stage's share, keyed by names of the full model (rpc_train/worker_state.py),
     # so a checkpoint saved with another split of the layers loads here too.
