@@ -111,6 +111,11 @@ def _ps_problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
                f"need NPROC >= ps.servers + 2 = {ps.servers + 2} (driver, servers, a trainer){fewer}")
     if ps.max_staleness is None or ps.max_staleness < 0:
         yield f"ps.max_staleness={ps.max_staleness}: must be 0 or more (updates a gradient may lag)"
+    elif not ps.sync and ps.max_staleness == 0 and world_size - 1 - ps.servers > 1:
+        # With several async trainers, every other trainer's push makes a copy stale: a bound
+        # of 0 would send a trainer back to recompute for ever.
+        yield ("ps.max_staleness=0 with ps.sync=false and several trainers: a trainer could retry "
+               "for ever; use ps.max_staleness>=1, or ps.sync=true")
     if cfg.device != "cpu":
         yield (f"device={cfg.device}: mode=parameter_server runs on CPU only (servers and trainers "
                "exchange CPU tensors); use device=cpu")

@@ -48,6 +48,7 @@ def test_trainer_shards_are_slices_of_the_single_process_batches(trainers):
     (["ps.servers=1"], 2, "ps.servers=1 leaves no trainer in a world of 2"),
     (["ps.servers=0"], 4, "ps.servers=0: must be a positive integer"),
     (["ps.max_staleness=-1"], 4, "ps.max_staleness=-1: must be 0 or more"),
+    (["ps.sync=false", "ps.max_staleness=0"], 4, "ps.max_staleness=0 with ps.sync=false"),
     (["device=cuda"], 4, "device=cuda: mode=parameter_server runs on CPU only"),
 ])
 def test_validate_names_the_bad_split(overrides, world_size, needle):
