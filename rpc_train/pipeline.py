@@ -121,7 +121,7 @@ class PipelineEngine:
             per_stage = torch.futures.wait_all([s.rpc_async().step(contexts) for s in self.stages])
         finally:
             release.set()  # the contexts may close now: the stages have read their gradients
-        return self._result(done, per_stage, started)
+        return self._result(loss, done, per_stage, started)
 
     def _micro_batch(self, seq, x, y, batch, window, release, report: Future) -> None:
         """One micro-batch's forward, loss and backward, in its own autograd context.
@@ -136,9 +136,10 @@ class PipelineEngine:
                     # Summed, then divided by the whole batch: the micro-batches' losses add up
                     # to the batch's mean loss, so gradients match one pass over the batch.
                     loss = F.cross_entropy(out, y, reduction="sum") / batch
-                    if math.isfinite(loss.item()):
+                    value = loss.item()
+                    if math.isfinite(value):
                         dist_autograd.backward(context_id, [loss])
-                    report.set_result((context_id, loss.item(), int((out.argmax(1) == y).sum())))
+                    report.set_result((context_id, value, int((out.argmax(1) == y).sum())))
                 finally:
                     window.release()
                 release.wait()
@@ -146,15 +147,14 @@ class PipelineEngine:
             if not report.done():
                 report.set_exception(err)
 
-    def _result(self, done, per_stage, started) -> StepResult:
+    def _result(self, loss: float, done, per_stage, started) -> StepResult:
         stats = {"lr": per_stage[0]["lr"]}
         for i, s in enumerate(per_stage):
             stats[f"stage{i}/forward_ms"] = s["forward_ms"]
             stats[f"stage{i}/backward_ms"] = s["backward_ms"]
         spans = [s["spans"] for s in per_stage]
         stats["pipeline/bubble_fraction"] = bubble_fraction(spans, started, time.perf_counter())
-        return StepResult(sum(d[1] for d in done), sum(d[2] for d in done), stats,
-                          spans=spans, started=started)
+        return StepResult(loss, sum(d[2] for d in done), stats, spans=spans, started=started)
 
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:

@@ -136,12 +136,7 @@ class StageWorker:
 
     def state_dict(self) -> Dict[str, Any]:
         """Parameters and buffers named as in the full model (`<layer index>.<name>`)."""
-        local = self.module.state_dict()
-        out = {}
-        for key, value in local.items():
-            idx, rest = key.split(".", 1)
-            out[f"{self.layers[int(idx)]}.{rest}"] = value.detach().cpu()
-        return out
+        return {self._global_name(key): value.detach().cpu() for key, value in self.module.state_dict().items()}
 
     def release(self) -> None:
         """Forget this stage so its tensors can be freed once the driver's RRef goes too."""
