@@ -60,8 +60,6 @@ def _checkpoint_problems(cfg: DictConfig) -> Iterator[str]:
     if ckpt.resume not in ("auto", "none") and not os.path.isdir(os.path.expanduser(ckpt.resume)):
         yield (f"checkpoint.resume={ckpt.resume}: no such directory; use auto, none, a "
                "checkpoints/step_<N> directory or a run directory")
-    if cfg.mode.name == "parameter_server" and (ckpt.every_steps or ckpt.resume not in ("auto", "none")):
-        yield "checkpoint.*: mode=parameter_server does not save or resume checkpoints yet; use mode=pipeline"
 
 
 def _runtime_problems(cfg: DictConfig) -> Iterator[str]:

@@ -17,6 +17,7 @@ import torch.distributed.rpc as rpc
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from rpc_train.checkpointer import Checkpointer
 from rpc_train.data import make_loaders
 from rpc_train.errors import ConfigError, RunFailure
 from rpc_train.local import LocalEngine
@@ -113,14 +114,36 @@ def start_job(cfg: DictConfig, world_size: int) -> ParameterServerJob:
     return ParameterServerJob(roles, reference, servers, trainers, val_loader, per_epoch, total)
 
 
+class ServerCheckpoints:
+    """The servers as a Checkpointer engine: each server writes and reads its own shard."""
+
+    def __init__(self, job: ParameterServerJob):
+        self.job = job
+
+    def save_checkpoint(self, directory: str) -> list:
+        return torch.futures.wait_all([s.rpc_async(timeout=0).save_checkpoint(directory) for s in self.job.servers])
+
+    def load_checkpoint(self, directory: str, index: Dict[str, str]) -> None:
+        torch.futures.wait_all([s.rpc_async(timeout=0).load_checkpoint(directory, index) for s in self.job.servers])
+
+    def layout(self) -> dict:
+        return {"servers": len(self.job.servers), "trainers": len(self.job.trainers)}
+
+
 def fit_parameter_server(cfg: DictConfig, world_size: int, logger: RunLogger):
     """Train to the end; (final metrics, a function that gathers the trained state)."""
     started = time.perf_counter()
     job = start_job(cfg, world_size)
+    checkpoints = Checkpointer(cfg, logger.log_dir, ServerCheckpoints(job), logger)
+    start = checkpoints.resume()
+    if start.step:  # the servers hold the checkpoint's state now: trainers re-fetch it
+        torch.futures.wait_all([t.rpc_async().resume(start.step, start.loader_state, start.batch)
+                                for t in job.trainers])
     monitor = ProgressMonitor(logger, job.roles.trainers, job.servers, cfg.ps.sync,
                               cfg.runtime.rpc_timeout_s, job.total, cfg.trainer.progress)
+    monitor.start_at(start.step)
     try:
-        run_epochs(cfg, job, monitor, logger)
+        run_epochs(cfg, job, monitor, logger, checkpoints)
     finally:
         monitor.close()
     stuck = monitor.stuck_trainers()
@@ -128,21 +151,38 @@ def fit_parameter_server(cfg: DictConfig, world_size: int, logger: RunLogger):
         raise RunFailure(f"{', '.join(stuck)} stopped reporting and never finished; the other trainers "
                          f"finished the run (validation is in TensorBoard), but a stuck process cannot "
                          f"join the shutdown, so the job stops without saving model.pt")
+    checkpoints.save()  # the final one, unless the last epoch just saved it
     monitor.final["time/total_s"] = time.perf_counter() - started
     return monitor.final, lambda: gather_state(job.servers)
 
 
-def run_epochs(cfg: DictConfig, job: ParameterServerJob, monitor: ProgressMonitor, logger: RunLogger) -> None:
-    done = 0
-    for epoch in range(cfg.trainer.epochs):
-        steps = min(job.per_epoch, job.total - done)
+def run_epochs(cfg: DictConfig, job: ParameterServerJob, monitor: ProgressMonitor, logger: RunLogger,
+               checkpoints: Checkpointer) -> None:
+    """Run the epochs from the checkpointer's position, advancing it after each one.
+
+    Checkpoints are written between epochs only, when no gradient is in flight: at the end of
+    an epoch in which the step count reached a multiple of checkpoint.every_steps (the
+    checkpointer saves the end of training too, possibly in the middle of an epoch).
+    """
+    position, every = checkpoints.position, cfg.checkpoint.every_steps
+    done = position.step
+    for epoch in range(position.epoch, cfg.trainer.epochs):
+        skip = position.batch if epoch == position.epoch else 0
+        steps = min(job.per_epoch - skip, job.total - done)
         if steps <= 0:
             break
         # timeout=0: an epoch may take longer than any one RPC; the monitor bounds silence.
         monitor.watch({i: job.trainers[i].rpc_async(timeout=0).run_epoch(epoch, steps)
                        for i in sorted(monitor.live)})
-        done += steps
+        before, done = done, done + steps
+        # Every trainer's loader draws from an identically seeded generator: any live one's state serves.
+        complete = skip + steps == job.per_epoch
+        state = job.trainers[min(monitor.live)].rpc_sync().loader_state(not complete)
+        position.step, position.loader_state = done, state
+        position.epoch, position.batch = (epoch + 1, 0) if complete else (epoch, skip + steps)
         _validate(job, logger, monitor.final, epoch, done)
+        if every and done // every > before // every:
+            checkpoints.save()
 
 
 def _validate(job: ParameterServerJob, logger: RunLogger, final: Dict[str, float], epoch: int, step: int) -> None:

@@ -98,6 +98,11 @@ class ProgressMonitor:
                          dynamic_ncols=True)
         self._logged_step = 0
 
+    def start_at(self, step: int) -> None:
+        """A resumed run: the steps before `step` were trained (and logged) before."""
+        self._logged_step = step
+        self._bar.update(step)
+
     def watch(self, futures: Dict[int, torch.futures.Future]) -> None:
         """Block until every trainer's `run_epoch` future is done, logging as reports come."""
         for i, future in futures.items():

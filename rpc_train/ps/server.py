@@ -6,6 +6,7 @@ through `push_gradients` by server id instead: passing an RRef as an argument wo
 RRef fork protocol (extra messages) on every call, as in stage.py.
 """
 
+import os
 import threading
 import time
 from typing import Dict, List, NamedTuple, Optional
@@ -15,6 +16,8 @@ import torch.distributed.rpc as rpc
 from torch import nn
 
 from rpc_train.builders import build_model, build_optimizer
+from rpc_train.checkpoint import save_file
+from rpc_train.worker_state import load_worker_state, save_worker_state
 
 # The servers hosted by this process, by server id, for `push_gradients` and `fetch_shard`.
 _LOCAL_SERVERS: Dict[int, "ParameterServer"] = {}
@@ -40,6 +43,7 @@ class ParameterServer:
         self.buffers = {n: state[n] for n in names if n not in self.params}
         self.optimizer, self.scheduler = (build_optimizer(self.params.values(), optim_cfg, scheduler_cfg)
                                           if self.params else (None, None))
+        self.server_id = server_id
         self.trainers, self.sync, self.max_staleness = trainers, sync, max_staleness
         self.version = 0
         # Guards the tensors, the version and the pending round. Never held across an RPC or a
@@ -123,6 +127,33 @@ class ParameterServer:
 
     def state_dict(self) -> Tensors:
         return self.fetch()[1]
+
+    # Checkpoints: this shard's tensors, optimizer and scheduler state keyed by full-model names
+    # (rpc_train/worker_state.py), the format the pipeline's stages write. Called by the driver
+    # between epochs, when no trainer is pushing.
+    def _owner(self) -> list:
+        return ["parameter server shard", self.server_id, sorted({**self.params, **self.buffers})]
+
+    def save_checkpoint(self, directory: str) -> dict:
+        filename = f"server{self.server_id}.pt"
+        with self._lock:
+            tensors = self._snapshot()
+            if self.optimizer is None:  # a shard of buffers only: no optimizer to record
+                payload = {"owner": self._owner(), "tensors": tensors, "scheduler": None,
+                           "optimizer": {"state": {}, "param_groups": []}, "rng": torch.get_rng_state()}
+                return {"file": filename, "sha256": save_file(os.path.join(directory, filename), payload),
+                        "tensors": {n: list(t.shape) for n, t in tensors.items()}}
+            return save_worker_state(directory, filename, tensors, self.optimizer, list(self.params),
+                                     self.scheduler, self._owner())
+
+    def load_checkpoint(self, directory: str, index: Dict[str, str]) -> None:
+        """Load this shard's names from whichever files hold them (any layout, either mode)."""
+        with self._lock:
+            tensors = load_worker_state(directory, index, [*self.params, *self.buffers], self.optimizer,
+                                        list(self.params), self.scheduler, self._owner())
+            with torch.no_grad():
+                for name, value in tensors.items():
+                    {**self.params, **self.buffers}[name].copy_(value)
 
     def missing_trainers(self) -> List[int]:
         """Sync: the trainers the open step still waits for; none while no step is open."""

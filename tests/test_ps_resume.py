@@ -1,0 +1,117 @@
+"""mode=parameter_server checkpoints: a server's share on disk, and real launches that resume."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import compose_config, launch
+from rpc_train.builders import build_model
+from rpc_train.checkpoint import damage
+from rpc_train.ps.driver import _as_dict
+from rpc_train.ps.server import ParameterServer
+from rpc_train.validate import validate
+
+pytestmark = pytest.mark.timeout(240)
+
+# NPROC=4, one server: 2 trainers x 32 samples a step, 640 / 64 = 10 steps an epoch.
+PS = ["experiment=smoke", "mode=parameter_server", "ps.servers=1", "trainer.epochs=2"]
+TOTAL, HALF, EPOCH = 16, 6, 10
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def model(run):
+    return torch.load(run / "model.pt", weights_only=True)
+
+
+def assert_same_parameters(run, reference):
+    mine, theirs = model(run), model(reference)
+    assert mine.keys() == theirs.keys()
+    for name, value in theirs.items():
+        assert torch.equal(mine[name], value), name
+
+
+def make_server(cfg, names, server_id=0):
+    return ParameterServer(server_id, names, _as_dict(cfg.model), _as_dict(cfg.optim), None, cfg.seed,
+                           trainers=1, sync=True, max_staleness=0)
+
+
+def test_validate_accepts_checkpoint_settings_in_parameter_server_mode(tmp_path):
+    validate(compose_config(["mode=parameter_server", "checkpoint.every_steps=5",
+                             f"checkpoint.resume={tmp_path}"]), 4)
+
+
+def test_a_server_shard_saves_and_loads_by_name_with_its_optimizer_state(tmp_path):
+    cfg = compose_config(PS)
+    names = list(build_model(_as_dict(cfg.model), cfg.seed).state_dict())
+    server = make_server(cfg, names)
+    for step in range(3):  # momentum state builds up
+        grads = {n: torch.full_like(p, 0.1 * (step + 1)) for n, p in server.params.items()}
+        server.push(0, server.version, grads, {}).wait()
+    record = server.save_checkpoint(str(tmp_path))
+    assert record["file"] == "server0.pt" and set(record["tensors"]) == set(names)
+
+    fresh = make_server(cfg, names, server_id=1)
+    fresh.load_checkpoint(str(tmp_path), {n: "server0.pt" for n in names})
+    for name, value in server.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    grads = {n: torch.full_like(p, 0.5) for n, p in server.params.items()}
+    for s in (server, fresh):  # the same next step: momentum came along
+        s.push(0, s.version, grads, {}).wait()
+    for name, value in server.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """TOTAL steps in one go; every_steps=4 saves at the end of epoch 0 (step 10) and the end."""
+    run = tmp_path_factory.mktemp("ps_uninterrupted") / "run"
+    ok(launch(PS + [f"trainer.max_steps={TOTAL}", "checkpoint.every_steps=4"], run, NPROC="4"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def first_part(tmp_path_factory):
+    """The same job stopped after HALF steps, in the middle of epoch 0 (saved at the end)."""
+    run = tmp_path_factory.mktemp("ps_first_part") / "run"
+    ok(launch(PS + [f"trainer.max_steps={HALF}"], run, NPROC="4"))
+    return run
+
+
+@pytest.mark.slow
+def test_sync_resume_mid_epoch_ends_with_the_same_parameters_bit_for_bit(tmp_path, first_part, uninterrupted):
+    assert set(os.listdir(uninterrupted / "checkpoints")) == {f"step_{EPOCH}", f"step_{TOTAL}"}
+    run = tmp_path / "run"
+    shutil.copytree(first_part, run)
+    result = ok(launch(PS + [f"trainer.max_steps={TOTAL}"], run, NPROC="4"))
+    assert f"resumed from {run}/checkpoints/step_{HALF}: step {HALF} (epoch 0, {HALF} batches" in result.stdout
+    assert_same_parameters(run, uninterrupted)
+    assert set(os.listdir(run / "checkpoints")) == {f"step_{HALF}", f"step_{TOTAL}"}
+    assert damage(str(run / "checkpoints" / f"step_{TOTAL}")) is None
+
+
+@pytest.mark.slow
+def test_sync_resume_from_an_epoch_end_checkpoint_is_bit_for_bit(tmp_path, uninterrupted):
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    shutil.rmtree(run / "checkpoints" / f"step_{TOTAL}")
+    (run / "model.pt").unlink()
+    result = ok(launch(PS + [f"trainer.max_steps={TOTAL}"], run, NPROC="4"))
+    assert f"resumed from {run}/checkpoints/step_{EPOCH}: step {EPOCH} (epoch 1, 0 batches" in result.stdout
+    assert_same_parameters(run, uninterrupted)
+
+
+@pytest.mark.slow
+def test_async_resume_goes_on_from_the_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    async_ps = PS + ["ps.sync=false", "ps.max_staleness=4", "optim.momentum=0.0"]
+    ok(launch(async_ps + [f"trainer.max_steps={HALF}"], run, NPROC="4"))
+    result = ok(launch(async_ps + [f"trainer.max_steps={TOTAL}"], run, NPROC="4"))
+    assert f"resumed from {run}/checkpoints/step_{HALF}: step {HALF}" in result.stdout
+    assert set(os.listdir(run / "checkpoints")) == {f"step_{HALF}", f"step_{TOTAL}"}
+    assert all(torch.isfinite(t).all() for t in model(run).values() if t.is_floating_point())
