@@ -114,6 +114,10 @@ def _ps_problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
         # of 0 would send a trainer back to recompute for ever.
         yield ("ps.max_staleness=0 with ps.sync=false and several trainers: a trainer could retry "
                "for ever; use ps.max_staleness>=1, or ps.sync=true")
+    if cfg.trainer.skip_nonfinite:
+        # A sync round needs every trainer's gradient: a skipped one would stall the servers.
+        yield ("trainer.skip_nonfinite=true: mode=parameter_server stops on a non-finite loss "
+               "instead; use trainer.skip_nonfinite=false or mode=pipeline")
     if cfg.device != "cpu":
         yield (f"device={cfg.device}: mode=parameter_server runs on CPU only (servers and trainers "
                "exchange CPU tensors); use device=cpu")

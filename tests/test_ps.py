@@ -49,6 +49,7 @@ def test_trainer_shards_are_slices_of_the_single_process_batches(trainers):
     (["ps.servers=0"], 4, "ps.servers=0: must be a positive integer"),
     (["ps.max_staleness=-1"], 4, "ps.max_staleness=-1: must be 0 or more"),
     (["ps.sync=false", "ps.max_staleness=0"], 4, "ps.max_staleness=0 with ps.sync=false"),
+    (["trainer.skip_nonfinite=true"], 4, "trainer.skip_nonfinite=true: mode=parameter_server stops"),
     (["device=cuda"], 4, "device=cuda: mode=parameter_server runs on CPU only"),
 ])
 def test_validate_names_the_bad_split(overrides, world_size, needle):
@@ -205,3 +206,11 @@ def _wait_for_pid(log_file, deadline: float) -> int:
                 return int(match.group(1))
         time.sleep(0.2)
     raise TimeoutError(f"no trainer pid in {log_file}")
+
+
+def test_a_non_finite_loss_stops_the_job_before_any_server_steps_on_it(tmp_path):
+    # lr=1e6 sends this MLP's loss to NaN at step 3, every time.
+    result = launch(PS + ["optim.lr=1e6"], tmp_path / "run", NPROC="4")
+    assert result.returncode != 0
+    assert "non-finite loss (nan) at step 3" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run" / "model.pt").exists()

@@ -14,6 +14,7 @@ bound staleness, and the trainer keeps a plain nn.Module, batch-norm statistics 
 
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -136,6 +137,10 @@ class TrainerWorker:
         self.model.zero_grad(set_to_none=True)
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
+        if not math.isfinite(loss.item()):
+            # Raised before any push: no server ever steps on it, so the last checkpoint stays good.
+            raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {self.step + 1}; lower optim.lr "
+                                     "(trainer.skip_nonfinite applies to mode=pipeline only)")
         loss.backward()
         # A parameter the loss never reached still needs a gradient: servers average them all.
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.params.items()}
