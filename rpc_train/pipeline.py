@@ -148,7 +148,7 @@ class PipelineEngine:
                 report.set_exception(err)
 
     def _result(self, loss: float, done, per_stage, started) -> StepResult:
-        stats = {"lr": per_stage[0]["lr"]}
+        stats = {"lr": next(s["lr"] for s in per_stage if s["lr"] is not None)}
         for i, s in enumerate(per_stage):
             stats[f"stage{i}/forward_ms"] = s["forward_ms"]
             stats[f"stage{i}/backward_ms"] = s["backward_ms"]

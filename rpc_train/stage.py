@@ -51,7 +51,9 @@ class StageWorker:
         self.module = nn.Sequential(*[full[i] for i in layers]).to(self.device)
         self.layers = layers
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer, self.scheduler = build_optimizer(self.params, optim_cfg, scheduler_cfg)
+        # A stage of parameter-free layers only (a time-balanced split can make one) steps nothing.
+        self.optimizer, self.scheduler = (build_optimizer(self.params, optim_cfg, scheduler_cfg)
+                                          if self.params else (None, None))
         self.next_stage: Optional[tuple] = None  # (worker name, stage id)
         self.to_cpu = True  # the last stage hands its output to the CPU-only driver
         self._anchor = torch.zeros((), requires_grad=True)
@@ -114,8 +116,9 @@ class StageWorker:
                 g = grads.get(p)
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
         return self.pop_stats()
@@ -126,7 +129,7 @@ class StageWorker:
         spans += [("B", seq, a, b) for seq, a, b in self._backward_spans if a and b]
         stats = {"forward_ms": 1e3 * sum(b - a for kind, _, a, b in spans if kind == "F"),
                  "backward_ms": 1e3 * sum(b - a for kind, _, a, b in spans if kind == "B"),
-                 "lr": self.optimizer.param_groups[0]["lr"], "spans": spans}
+                 "lr": self.optimizer.param_groups[0]["lr"] if self.optimizer else None, "spans": spans}
         self._forward_spans, self._backward_spans = [], []
         return stats
 

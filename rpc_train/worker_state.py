@@ -46,9 +46,12 @@ def optimizer_state_for(optimizer: torch.optim.Optimizer, names: Sequence[str],
 
 
 def save_worker_state(directory: str, filename: str, tensors: Dict[str, torch.Tensor],
-                      optimizer: torch.optim.Optimizer, param_names: Sequence[str],
+                      optimizer: Optional[torch.optim.Optimizer], param_names: Sequence[str],
                       scheduler: Optional[Any], owner: Any) -> Dict[str, Any]:
     """Write one worker's share to `directory/filename`; returns its record for the manifest.
+
+    A worker without parameters (a stage of pooling layers, a shard of buffers) has no
+    optimizer: its share records an empty optimizer state.
 
     `owner` says what the worker held (a stage's layer range, a shard id): the RNG state is
     restored only into a worker that holds exactly the same thing.
@@ -56,7 +59,8 @@ def save_worker_state(directory: str, filename: str, tensors: Dict[str, torch.Te
     payload = {
         "owner": owner,
         "tensors": {name: t.detach().cpu() for name, t in tensors.items()},
-        "optimizer": optimizer_state_by_name(optimizer, param_names),
+        "optimizer": (optimizer_state_by_name(optimizer, param_names) if optimizer is not None
+                      else {"state": {}, "param_groups": []}),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": torch.get_rng_state(),
     }

@@ -23,10 +23,15 @@ def local_reference(overrides):
     return engine.state_dict()
 
 
-@pytest.mark.parametrize("schedule, micro_batches", [("1f1b", 1), ("1f1b", 4), ("gpipe", 4)])
-def test_pipeline_matches_single_process(tmp_path, schedule, micro_batches):
-    overrides = STEPS + [f"pipeline.micro_batches={micro_batches}", f"pipeline.schedule={schedule}"]
-    result = launch(overrides, tmp_path / "run")
+@pytest.mark.parametrize("schedule, micro_batches, nproc, balance", [
+    ("1f1b", 1, 3, "params"), ("1f1b", 4, 3, "params"), ("gpipe", 4, 3, "params"),
+    # Three stages, the first holding only the parameter-free Flatten: it has no optimizer.
+    ("1f1b", 4, 4, "[1,2,2]"),
+])
+def test_pipeline_matches_single_process(tmp_path, schedule, micro_batches, nproc, balance):
+    overrides = STEPS + [f"pipeline.micro_batches={micro_batches}", f"pipeline.schedule={schedule}",
+                         f"pipeline.balance={balance}"]
+    result = launch(overrides, tmp_path / "run", NPROC=str(nproc))
     assert result.returncode == 0, result.stderr[-3000:]
     piped = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     reference = local_reference(overrides)

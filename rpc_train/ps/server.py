@@ -6,7 +6,6 @@ through `push_gradients` by server id instead: passing an RRef as an argument wo
 RRef fork protocol (extra messages) on every call, as in stage.py.
 """
 
-import os
 import threading
 import time
 from typing import Dict, List, NamedTuple, Optional
@@ -16,7 +15,6 @@ import torch.distributed.rpc as rpc
 from torch import nn
 
 from rpc_train.builders import build_model, build_optimizer
-from rpc_train.checkpoint import save_file
 from rpc_train.worker_state import load_worker_state, save_worker_state
 
 # The servers hosted by this process, by server id, for `push_gradients` and `fetch_shard`.
@@ -137,13 +135,7 @@ class ParameterServer:
     def save_checkpoint(self, directory: str) -> dict:
         filename = f"server{self.server_id}.pt"
         with self._lock:
-            tensors = self._snapshot()
-            if self.optimizer is None:  # a shard of buffers only: no optimizer to record
-                payload = {"owner": self._owner(), "tensors": tensors, "scheduler": None,
-                           "optimizer": {"state": {}, "param_groups": []}, "rng": torch.get_rng_state()}
-                return {"file": filename, "sha256": save_file(os.path.join(directory, filename), payload),
-                        "tensors": {n: list(t.shape) for n, t in tensors.items()}}
-            return save_worker_state(directory, filename, tensors, self.optimizer, list(self.params),
+            return save_worker_state(directory, filename, self._snapshot(), self.optimizer, list(self.params),
                                      self.scheduler, self._owner())
 
     def load_checkpoint(self, directory: str, index: Dict[str, str]) -> None:
