@@ -117,3 +117,18 @@ def test_a_stopped_worker_fails_the_job_within_the_rpc_timeout(tmp_path, job_fac
     # 5 s RPC timeout, a 3 s ping, then the driver ends the stopped worker instead of torchrun's
     # 30 s wait: generous, but well short of what that wait alone would take.
     assert elapsed < 35, elapsed
+
+
+def test_a_killed_parameter_server_trainer_is_restarted_and_the_job_resumes(tmp_path, job_factory):
+    run = tmp_path / "run"
+    # Driver, one server, two trainers; the servers save between epochs (25 steps each here).
+    job = job_factory(LONG + ["mode=parameter_server", "ps.servers=1"], run, MAX_RESTARTS="1", NPROC="4")
+    job.wait_for_checkpoint()
+    os.kill(job.rank_pid(3), signal.SIGKILL)
+    assert job.proc.wait(timeout=300) == 0, job.output()
+
+    log = (run / "rank0.log").read_text()
+    assert "torchrun restart 1 of at most 1" in log
+    resumed = re.search(r"resumed from \S+/step_(\d+): step (\d+)", log)
+    assert resumed and 0 < int(resumed.group(2)) < 75, log[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["val/accuracy"] > 0.8
