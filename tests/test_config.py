@@ -1,6 +1,5 @@
 """Every config group composes and instantiates; typos and wrong types fail at compose time."""
 
-from pathlib import Path
 
 import pytest
 import torch
