@@ -46,6 +46,27 @@ def event_tags(run_dir: Path) -> Dict[str, list]:
     return acc.Tags()
 
 
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def exported_model(run: Path) -> dict:
+    import torch
+
+    return torch.load(run / "model.pt", weights_only=True)
+
+
+def assert_same_parameters(run: Path, reference: Path) -> None:
+    """The two runs' exported models are equal, bit for bit."""
+    import torch
+
+    mine, theirs = exported_model(run), exported_model(reference)
+    assert mine.keys() == theirs.keys()
+    for name, value in theirs.items():
+        assert torch.equal(mine[name], value), name
+
+
 SMOKE = ["experiment=smoke"]
 
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import compose_config, launch
+from conftest import assert_same_parameters, exported_model, compose_config, launch, ok
 from rpc_train.builders import build_model
 from rpc_train.checkpoint import damage
 from rpc_train.ps.driver import _as_dict
@@ -18,22 +18,6 @@ pytestmark = pytest.mark.timeout(240)
 # NPROC=4, one server: 2 trainers x 32 samples a step, 640 / 64 = 10 steps an epoch.
 PS = ["experiment=smoke", "mode=parameter_server", "ps.servers=1", "trainer.epochs=2"]
 TOTAL, HALF, EPOCH = 16, 6, 10
-
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def model(run):
-    return torch.load(run / "model.pt", weights_only=True)
-
-
-def assert_same_parameters(run, reference):
-    mine, theirs = model(run), model(reference)
-    assert mine.keys() == theirs.keys()
-    for name, value in theirs.items():
-        assert torch.equal(mine[name], value), name
 
 
 def make_server(cfg, names, server_id=0):
@@ -114,4 +98,4 @@ def test_async_resume_goes_on_from_the_checkpoint(tmp_path):
     result = ok(launch(async_ps + [f"trainer.max_steps={TOTAL}"], run, NPROC="4"))
     assert f"resumed from {run}/checkpoints/step_{HALF}: step {HALF}" in result.stdout
     assert set(os.listdir(run / "checkpoints")) == {f"step_{HALF}", f"step_{TOTAL}"}
-    assert all(torch.isfinite(t).all() for t in model(run).values() if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for t in exported_model(run).values() if t.is_floating_point())

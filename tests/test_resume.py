@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import launch, read_scalars
+from conftest import assert_same_parameters, exported_model, launch, read_scalars, ok
 from rpc_train.checkpoint import damage
 
 pytestmark = pytest.mark.timeout(300)
@@ -17,22 +17,6 @@ pytestmark = pytest.mark.timeout(300)
 STEPS = ["experiment=smoke", "trainer.epochs=2"]  # the smoke preset has 20 batches an epoch
 TOTAL = 26  # past the end of epoch 0, so a resumed run must also get epoch 1's order right
 HALF = 6
-
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def model(run):
-    return torch.load(run / "model.pt", weights_only=True)
-
-
-def assert_same_parameters(run, reference):
-    mine, theirs = model(run), model(reference)
-    assert mine.keys() == theirs.keys()
-    for name, value in theirs.items():
-        assert torch.equal(mine[name], value), name
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +89,7 @@ def test_skip_nonfinite_skips_and_counts_the_steps(tmp_path):
     at_step_2 = {}
     for stage in ("stage0.pt", "stage1.pt"):
         at_step_2.update(torch.load(run / "checkpoints" / "step_2" / stage, weights_only=True)["tensors"])
-    final = model(run)
+    final = exported_model(run)
     for name, value in at_step_2.items():
         assert torch.equal(final[name], value), name
 
@@ -121,7 +105,7 @@ def test_a_two_stage_checkpoint_resumes_on_three_stages(tmp_path, first_part, un
     assert manifest["layout"]["stages"] == 3
     saved = json.loads((checkpoint / "manifest.json").read_text())
     assert saved["layout"]["stages"] == 2 and saved["tensors"].keys() == manifest["tensors"].keys()
-    mine, theirs = model(run), model(uninterrupted)
+    mine, theirs = exported_model(run), exported_model(uninterrupted)
     for name, value in theirs.items():
         torch.testing.assert_close(mine[name], value, rtol=0, atol=1e-5, msg=name)
 
