@@ -5,6 +5,7 @@ same problem: cut a list of per-layer costs into k contiguous parts and make the
 part as small as possible.
 """
 
+import copy
 import time
 from typing import Any, List, Sequence
 
@@ -13,7 +14,6 @@ from torch import nn
 
 from rpc_train.errors import ConfigError
 from rpc_train.validate import BALANCE_HELP
-
 
 
 def balance_costs(costs: Sequence[float], k: int) -> List[int]:
@@ -53,15 +53,24 @@ def param_costs(layers: Sequence[nn.Module]) -> List[float]:
 
 
 def time_costs(layers: Sequence[nn.Module], sample: torch.Tensor, repeats: int = 3) -> List[float]:
-    """Median forward+backward seconds of each layer on `sample`, measured in this process."""
+    """Median forward+backward seconds of each layer on `sample`, measured in this process.
+
+    Layers are timed on `sample`'s device (a copy of each moves there): a GPU's costs split a
+    model differently from a CPU's, and kernels run asynchronously, hence the synchronize.
+    """
+    device = sample.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     costs, x = [], sample
     for layer in layers:
+        layer = copy.deepcopy(layer).to(device) if device.type != "cpu" else layer
         timings, out = [], None
         for _ in range(repeats):
             inp = x.detach().requires_grad_(x.is_floating_point())
+            sync()
             start = time.perf_counter()
             out = layer(inp)
             out.float().sum().backward()
+            sync()
             timings.append(time.perf_counter() - start)
         costs.append(sorted(timings)[len(timings) // 2])
         x = out.detach()
