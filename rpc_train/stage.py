@@ -112,10 +112,15 @@ class StageWorker:
             p.grad = None
         for context_id in context_ids:
             grads = dist_autograd.get_gradients(context_id)
-            for p in self.params:
-                g = grads.get(p)
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad + g
+            pairs = [(p, grads[p]) for p in self.params if p in grads]
+            fresh = [(p, g) for p, g in pairs if p.grad is None]
+            for p, g in fresh:
+                p.grad = g  # the context's own tensor: it is not read again once summed here
+            more = [(p.grad, g) for p, g in pairs if p.grad is not g]
+            if more:
+                # One fused add per context rather than one kernel per parameter: ResNet-50 on a
+                # GPU would otherwise launch ~160 kernels per micro-batch here.
+                torch._foreach_add_([a for a, _ in more], [g for _, g in more])
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
