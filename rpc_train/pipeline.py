@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from rpc_train.builders import build_model
-from rpc_train.devices import stage_device
+from rpc_train.devices import bind_cuda_context, driver_device, stage_device
 from rpc_train.partition import plan_stages, stage_bounds
 from rpc_train.runtime import worker_name
 from rpc_train.stage import StageWorker, forward_on_stage
@@ -64,15 +64,17 @@ class PipelineEngine:
         machine) while the driver goes on to load the data.
         """
         self.micro_batches = cfg.pipeline.micro_batches
+        self.device = torch.device(driver_device(cfg.device))
         k = num_stages(cfg, world_size)
         self.max_in_flight = k if cfg.pipeline.schedule == "1f1b" else self.micro_batches
         # One thread per micro-batch: each holds its autograd context until the step.
         self._pool = ThreadPoolExecutor(self.micro_batches, thread_name_prefix="micro-batch")
         model_cfg = _as_dict(cfg.model)
         layers = list(build_model(model_cfg, cfg.seed))
-        # Timing layers needs only the shape of a micro-batch, not real data.
+        # Timing layers needs only the shape of a micro-batch, not real data, on the stages'
+        # kind of device (check_device has made sure the driver sees it too).
         micro = max(1, cfg.trainer.batch_size // self.micro_batches)
-        sample = torch.randn(micro, *cfg.data.shape)
+        sample = torch.randn(micro, *cfg.data.shape, device=stage_device(cfg.device, 0))
         self.counts = plan_stages(layers, k, cfg.pipeline.balance, sample)
         self.workers = [worker_name(rank) for rank in range(1, k + 1)]
         self.stages = [
@@ -93,7 +95,7 @@ class PipelineEngine:
         torch.futures.wait_all(self._connected)
 
     def _forward_all(self, x: torch.Tensor, training: bool) -> List[torch.Tensor]:
-        chunks = x.tensor_split(min(self.micro_batches, len(x)))
+        chunks = x.to(self.device).tensor_split(min(self.micro_batches, len(x)))
         futures = []
         for chunk in chunks:
             futures.append(rpc.rpc_async(self.workers[0], forward_on_stage,
@@ -103,6 +105,8 @@ class PipelineEngine:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         started = time.perf_counter()
+        # One host-to-device copy per batch; the micro-batches are views of it.
+        x, y = x.to(self.device), y.to(self.device)
         window = threading.Semaphore(self.max_in_flight)
         release = threading.Event()
         reports = []
@@ -130,6 +134,7 @@ class PipelineEngine:
         open until the stages have stepped, since closing it frees the gradients.
         """
         try:
+            bind_cuda_context(self.device)
             with dist_autograd.context() as context_id:
                 try:
                     out = rpc.rpc_sync(self.workers[0], forward_on_stage, args=(0, seq, x, True))
@@ -159,6 +164,7 @@ class PipelineEngine:
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         logits = torch.cat(self._forward_all(x, training=False))
+        y = y.to(self.device)
         loss = F.cross_entropy(logits, y, reduction="sum").item()
         return StepResult(loss, int((logits.argmax(1) == y).sum()))
 

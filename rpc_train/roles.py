@@ -24,8 +24,8 @@ def stage_device_maps(cfg: DictConfig, world: World) -> Dict[str, Dict[str, str]
     if cfg.mode.name != "pipeline":
         return {}  # parameter servers and trainers exchange CPU tensors only
     stage = stage_of(world, cfg)
-    if stage is None:
-        return {}
+    if stage is None and not world.is_driver:
+        return {}  # a rank past the last stage hosts nothing
     return pipeline_device_maps(cfg.device, stage, num_stages(cfg, world.size), worker_name(world.rank + 1))
 
 

@@ -6,6 +6,7 @@ instead calls `forward_on_stage` by stage id: passing an RRef as an argument wou
 RRef fork protocol (extra messages) for every micro-batch.
 """
 
+import functools
 import threading
 import time
 from typing import Any, Dict, List, Optional
@@ -16,6 +17,7 @@ import torch.distributed.rpc as rpc
 from torch import nn
 
 from rpc_train.builders import build_model, build_optimizer
+from rpc_train.devices import bind_cuda_context, on_device_stream
 from rpc_train.worker_state import load_worker_state, save_worker_state
 
 # The stages hosted by this process, by stage id, for `forward_on_stage`.
@@ -42,20 +44,31 @@ class _Clock(torch.autograd.Function):
         return (grad if ctx.x_requires_grad else None), None, None
 
 
+def _on_stage_stream(method):
+    """A control call (step, state, checkpoints) that touches the stage's GPU tensors."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with on_device_stream(self.device):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class StageWorker:
     def __init__(self, stage_id: int, model_cfg: dict, layers: range, optim_cfg: dict,
                  scheduler_cfg: Optional[dict], device: str, seed: int):
         self.stage_id = stage_id
         self.device = torch.device(device)
         full = build_model(model_cfg, seed)
-        self.module = nn.Sequential(*[full[i] for i in layers]).to(self.device)
+        with on_device_stream(self.device):  # the copies are ordered before the first forward
+            self.module = nn.Sequential(*[full[i] for i in layers]).to(self.device)
         self.layers = layers
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         # A stage of parameter-free layers only (a time-balanced split can make one) steps nothing.
         self.optimizer, self.scheduler = (build_optimizer(self.params, optim_cfg, scheduler_cfg)
                                           if self.params else (None, None))
         self.next_stage: Optional[tuple] = None  # (worker name, stage id)
-        self.to_cpu = True  # the last stage hands its output to the CPU-only driver
         self._anchor = torch.zeros((), requires_grad=True)
         self._turn = threading.Condition()
         self._next_seq = 0
@@ -63,9 +76,14 @@ class StageWorker:
         self._backward_spans: List[list] = []
         _LOCAL_STAGES[stage_id] = self
 
+    def __reduce__(self):
+        # A stage never travels: it is reached through its RRef. But with CUDA device maps the
+        # RPC agent pickles an RRef's value just to find the CUDA tensors in it (for stream
+        # syncs), and the stage's lock cannot be pickled; as a lookup by id it holds none.
+        return _local_stage, (self.stage_id,)
+
     def connect(self, next_worker: Optional[str], next_stage_id: Optional[int]) -> None:
         self.next_stage = (next_worker, next_stage_id) if next_worker else None
-        self.to_cpu = next_worker is None
 
     def _wait_turn(self, seq: int) -> None:
         # Micro-batches run in the order the driver issued them, whatever order the RPC
@@ -81,6 +99,7 @@ class StageWorker:
     def compute(self, seq: int, x: torch.Tensor, training: bool) -> torch.Tensor:
         self._wait_turn(seq)
         try:
+            bind_cuda_context(self.device)
             start = time.perf_counter()
             x = x.to(self.device, non_blocking=True)
             if self.module.training != training:
@@ -94,14 +113,13 @@ class StageWorker:
                     y = _Clock.apply(y, self._anchor, lambda t: span.__setitem__(1, t))
                 else:
                     y = self.module(x)
-            if self.to_cpu:
-                y = y.cpu()
             if training:
                 self._forward_spans.append((seq, start, time.perf_counter()))
             return y
         finally:
             self._done_turn()
 
+    @_on_stage_stream
     def step(self, context_ids: List[int]) -> Dict[str, Any]:
         """Sum this stage's gradients over the micro-batches' autograd contexts and step.
 
@@ -142,6 +160,7 @@ class StageWorker:
         """Forget a step that was not applied (a skipped non-finite loss)."""
         self._forward_spans, self._backward_spans = [], []
 
+    @_on_stage_stream
     def state_dict(self) -> Dict[str, Any]:
         """Parameters and buffers named as in the full model (`<layer index>.<name>`)."""
         return {self._global_name(key): value.detach().cpu() for key, value in self.module.state_dict().items()}
@@ -164,10 +183,12 @@ class StageWorker:
     def _owner(self) -> list:
         return ["pipeline layers", self.layers.start, self.layers.stop]
 
+    @_on_stage_stream
     def save_checkpoint(self, directory: str) -> Dict[str, Any]:
         return save_worker_state(directory, f"stage{self.stage_id}.pt", self.state_dict(), self.optimizer,
                                  self._param_names(), self.scheduler, self._owner())
 
+    @_on_stage_stream
     def load_checkpoint(self, directory: str, index: Dict[str, str]) -> None:
         local = {self._global_name(n): n for n in self.module.state_dict()}
         tensors = load_worker_state(directory, index, local, self.optimizer, self._param_names(),
@@ -175,18 +196,25 @@ class StageWorker:
         self.module.load_state_dict({local[name]: t for name, t in tensors.items()})
 
 
+def _local_stage(stage_id: int) -> "StageWorker":
+    return _LOCAL_STAGES[stage_id]
+
+
 @rpc.functions.async_execution
 def forward_on_stage(stage_id: int, seq: int, x: torch.Tensor, training: bool) -> torch.futures.Future:
     """Run micro-batch `seq` through this stage, then push it on to the next stage.
 
     Activations go stage to stage, never through the driver. The reply (the last stage's
-    output) travels back along the chain; async_execution frees this RPC thread meanwhile.
+    output, on its device: the reverse device maps bring it to the driver's) travels back
+    along the chain; async_execution frees this RPC thread meanwhile.
     """
     stage = _LOCAL_STAGES[stage_id]
-    y = stage.compute(seq, x, training)
-    if stage.next_stage is None:
-        done = torch.futures.Future()
-        done.set_result(y)
-        return done
-    worker, next_id = stage.next_stage
-    return rpc.rpc_async(worker, forward_on_stage, args=(next_id, seq, y, training))
+    with on_device_stream(stage.device):  # y is sent or returned as ready on the stage's stream
+        y = stage.compute(seq, x, training)
+        if stage.next_stage is None:
+            # With its devices named, the future records y as ready on this stream.
+            done = torch.futures.Future(devices=[stage.device] if stage.device.type == "cuda" else None)
+            done.set_result(y)
+            return done
+        worker, next_id = stage.next_stage
+        return rpc.rpc_async(worker, forward_on_stage, args=(next_id, seq, y, training))

@@ -1,0 +1,62 @@
+"""device=cuda for real: stages on the GPU, activations and gradients through TensorPipe device maps.
+
+Skipped on a machine without CUDA (CI has none); run them on a GPU machine with
+`pytest tests/test_cuda.py`. All stages share cuda:0 when there is one GPU.
+"""
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import compose_config, exported_model, launch, ok, read_scalars
+from rpc_train.data import make_loaders
+from rpc_train.local import LocalEngine
+from rpc_train.trainer import Trainer
+
+pytestmark = [pytest.mark.timeout(300),
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+STEPS = ["experiment=smoke", "trainer.epochs=1", "device=cuda"]
+# GEMMs on different micro-batch shapes may pick different cuBLAS kernels: equal to rounding.
+ATOL = 1e-4
+
+
+def single_gpu_reference(overrides):
+    cfg = compose_config(overrides)
+    torch.manual_seed(cfg.seed)
+    train_loader, val_loader = make_loaders(cfg.data, cfg.trainer.batch_size, cfg.seed)
+    engine = LocalEngine(cfg, "cuda")
+    Trainer(engine, train_loader, val_loader, cfg.trainer).fit()
+    return engine.state_dict()
+
+
+@pytest.mark.parametrize("schedule, nproc", [("1f1b", 3), ("gpipe", 4)])
+def test_a_cuda_pipeline_matches_single_gpu_training(tmp_path, schedule, nproc):
+    overrides = STEPS + ["trainer.max_steps=6", f"pipeline.schedule={schedule}"]
+    result = ok(launch(overrides, tmp_path / "run", NPROC=str(nproc)))
+    assert "Warning" not in result.stderr, result.stderr[-3000:]
+    piped, reference = exported_model(tmp_path / "run"), single_gpu_reference(overrides)
+    initial = LocalEngine(compose_config(overrides)).state_dict()
+    assert piped.keys() == reference.keys()
+    moved = max((reference[name] - initial[name]).abs().max().item() for name in reference)
+    assert moved > 100 * ATOL, "training barely moved the parameters: the comparison would prove nothing"
+    for name, value in reference.items():
+        torch.testing.assert_close(piped[name], value, rtol=0, atol=ATOL, msg=lambda m, name=name: f"{name}: {m}")
+    scalars = read_scalars(tmp_path / "run")
+    assert [step for step, _ in scalars["train/loss"]] == [5, 6]
+    assert all(value > 0 for _, value in scalars["stage1/backward_ms"])
+
+
+def test_a_cuda_run_resumes_from_its_checkpoint(tmp_path):
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    ok(launch(STEPS + ["trainer.max_steps=10"], whole))
+    ok(launch(STEPS + ["trainer.max_steps=4"], part))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(part, resumed)
+    result = ok(launch(STEPS + ["trainer.max_steps=10"], resumed))
+    assert "resumed from" in result.stdout
+    mine, theirs = exported_model(resumed), exported_model(whole)
+    assert mine.keys() == theirs.keys()
+    for name, value in theirs.items():
+        torch.testing.assert_close(mine[name], value, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
