@@ -1,9 +1,9 @@
 """`python -m rpc_train.bench [--model convnet] [--csv out.csv]`: pipeline vs single-process speed.
 
 One table of training samples/s: the same model, data and batch trained in this process with one
-thread and with every core, then through a K-stage pipeline (one RPC world of K+1 processes that
-this script starts) for each micro-batch count. The single-process rows run before the world
-starts, so no two rows compete for the cores.
+thread and with every core (with `--device cuda`: on one GPU), then through a K-stage pipeline
+(one RPC world of K+1 processes that this script starts) for each micro-batch count. The
+single-process rows run before the world starts, so no two rows compete for the cores or the GPU.
 """
 
 import argparse
@@ -25,6 +25,7 @@ from rpc_train.bench_peer import peer_medians
 from rpc_train.bench_world import run_in_local_world
 from rpc_train.config import register_configs
 from rpc_train.data import make_loaders
+from rpc_train.devices import check_device
 from rpc_train.errors import ConfigError
 from rpc_train.local import LocalEngine
 from rpc_train.pipeline import PipelineEngine
@@ -33,10 +34,10 @@ from rpc_train.preflight import _one_line as one_line
 from rpc_train.runtime import World, usable_cores
 from rpc_train.validate import validate
 
-COLUMNS = ["setup", "micro_batches", "threads_processes", "median_step_ms", "samples_per_s",
-           "vs_1_thread", "vs_all_cores", "pipeline_efficiency", "gpipe_bound"]
-HEADERS = ["setup", "micro-batches", "threads/processes", "median step ms", "samples/s",
-           "vs 1 thread", "vs all cores", "efficiency", "GPipe bound"]
+# The ratio columns ("vs 1 thread", ...) come from the baseline rows (see `baseline_rows`).
+COLUMNS = ["setup", "micro_batches", "threads_processes", "median_step_ms", "samples_per_s"]
+HEADERS = ["setup", "micro-batches", "threads/processes", "median step ms", "samples/s"]
+TAIL = [("pipeline_efficiency", "efficiency"), ("gpipe_bound", "GPipe bound")]
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -44,6 +45,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--model", default="convnet", help="a conf/model option")
     p.add_argument("--data", default="synthetic", help="a conf/data option")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: the baseline is one GPU and every stage runs on cuda:(k mod #gpus)")
     p.add_argument("--micro-batches", default="1,2,4,8", help="comma-separated counts")
     p.add_argument("--stages", type=int, default=2, help="pipeline stages K (K+1 processes)")
     p.add_argument("--schedules", default="1f1b,gpipe", help="comma-separated pipeline.schedule values")
@@ -65,13 +68,14 @@ def compose_config(args: argparse.Namespace) -> DictConfig:
     """The config every row shares; checked for each micro-batch count before any process starts."""
     register_configs()
     overrides = [f"model={args.model}", f"data={args.data}", f"trainer.batch_size={args.batch_size}",
-                 f"pipeline.stages={args.stages}",
+                 f"pipeline.stages={args.stages}", f"device={args.device}",
                  # Stage workers get one thread each: the target is K single-core stages.
                  "runtime.threads=1",
                  # A stuck stage fails the run within a minute instead of hanging it.
                  "runtime.rpc_timeout_s=60", *args.override]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
+    check_device(cfg.device)
     for m in args.micro_batches:
         for schedule in args.schedules:
             cfg.pipeline.micro_batches, cfg.pipeline.schedule = m, schedule
@@ -99,19 +103,33 @@ def time_steps(engine, batches: list, warmup: int, steps: int) -> tuple:
     return seconds, results
 
 
-def local_row(cfg: DictConfig, batches: list, threads: int, warmup: int, steps: int) -> Dict:
+def local_row(cfg: DictConfig, batches: list, threads: int, warmup: int, steps: int, ratio: str) -> Dict:
     torch.set_num_threads(threads)
-    seconds, _ = time_steps(LocalEngine(cfg), batches, warmup, steps)
     label = f"{threads} thread" + ("s" if threads > 1 else "")
-    return {"setup": f"single-process, {label}", "micro_batches": "-",
-            "threads_processes": label, "median_step_ms": 1e3 * statistics.median(seconds)}
+    device = "cuda" if cfg.device == "cuda" else "cpu"
+    if device == "cuda":
+        label = f"1 GPU ({torch.cuda.get_device_name()})"
+    # LocalEngine reads the loss every step (.item()), so each timed step ends with the GPU idle.
+    seconds, _ = time_steps(LocalEngine(cfg, device), batches, warmup, steps)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the pipeline's stages need the memory next
+    return {"setup": f"single-process, {label}", "micro_batches": "-", "threads_processes": label,
+            "median_step_ms": 1e3 * statistics.median(seconds), "ratio": ratio}
+
+
+def baseline_rows(cfg: DictConfig, batches: list, warmup: int, steps: int) -> List[Dict]:
+    """What the pipeline rows are compared with: one thread and all cores, or one GPU."""
+    if cfg.device == "cuda":
+        return [local_row(cfg, batches, 1, warmup, steps, "vs 1 GPU")]
+    return [local_row(cfg, batches, 1, warmup, steps, "vs 1 thread"),
+            local_row(cfg, batches, usable_cores(), warmup, steps, "vs all cores")]
 
 
 def pipeline_rows(world: World, cfg: DictConfig, runs: List[tuple], warmup: int, steps: int) -> List[Dict]:
     """On the driver: a fresh PipelineEngine per (schedule, micro-batches), on the same workers."""
     batches = draw_batches(cfg, warmup + steps)
     k = world.size - 1
-    rows = []
+    rows, where = [], f"{k}x1 thread" + (" on cuda" if cfg.device == "cuda" else "")
     for schedule, m in runs:
         cfg.pipeline.schedule, cfg.pipeline.micro_batches = schedule, m
         engine = PipelineEngine(cfg, world.size)
@@ -120,7 +138,7 @@ def pipeline_rows(world: World, cfg: DictConfig, runs: List[tuple], warmup: int,
         stage_ms = {key: statistics.median(r.stats[key] for r in results)
                     for key in results[0].stats if key.startswith("stage")}
         rows.append({"setup": f"rpc_train {schedule} K={k}", "micro_batches": m,
-                     "threads_processes": f"{world.size} proc: driver + {k}x1 thread",
+                     "threads_processes": f"{world.size} proc: driver + {where}",
                      "median_step_ms": 1e3 * statistics.median(seconds), "stage_ms": stage_ms})
         engine.close()  # the old stages are freed before the next ones are built
     return rows
@@ -139,17 +157,25 @@ def peer_rows(cfg: DictConfig, runs: List[tuple], batches: list, k: int, warmup:
             for schedule, m in runs]
 
 
-def add_ratios(rows: List[Dict], batch: int, k: int) -> None:
-    one, every = rows[0]["median_step_ms"], rows[1]["median_step_ms"]
+def add_ratios(rows: List[Dict], batch: int, k: int, devices: int) -> List[tuple]:
+    """Samples/s, speed-ups over each baseline row, efficiency; returns the (column, header) added.
+
+    `devices`: how many the K stages actually spread over (cores, or GPUs round-robin).
+    """
+    baselines = [row for row in rows if "ratio" in row]
+    ratios = [(row["ratio"].replace(" ", "_"), row["ratio"]) for row in baselines]
+    one = baselines[0]["median_step_ms"]
     for row in rows:
         ms = row["median_step_ms"]
         row["samples_per_s"] = 1e3 * batch / ms
-        row["vs_1_thread"], row["vs_all_cores"] = one / ms, every / ms
+        for (key, _), base in zip(ratios, baselines):
+            row[key] = base["median_step_ms"] / ms
         m = row["micro_batches"]
         piped = isinstance(m, int)
-        # Efficiency: the speedup each of the K stages delivers; GPipe's bubble caps it at m/(m+K-1).
-        row["pipeline_efficiency"] = one / ms / k if piped else "-"
+        # Efficiency: the speedup each stage's device delivers; GPipe's bubble caps it at m/(m+K-1).
+        row["pipeline_efficiency"] = one / ms / min(k, devices) if piped else "-"
         row["gpipe_bound"] = m / (m + k - 1) if piped else "-"
+    return ratios + TAIL
 
 
 def machine_line() -> str:
@@ -159,7 +185,8 @@ def machine_line() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"machine: {usable_cores()} usable cores, {cpu}, torch {torch.__version__}"
+    gpus = f", {torch.cuda.device_count()}x {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"machine: {usable_cores()} usable cores, {cpu}{gpus}, torch {torch.__version__}"
 
 
 def _cell(value) -> str:
@@ -167,9 +194,9 @@ def _cell(value) -> str:
         f"{value:.1f}" if isinstance(value, float) else str(value))
 
 
-def format_table(rows: List[Dict]) -> str:
-    cells = [HEADERS] + [[_cell(row[c]) for c in COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+def format_table(rows: List[Dict], columns: List[str], headers: List[str]) -> str:
+    cells = [headers] + [[_cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
              for line in cells]
     lines.insert(1, "-" * len(lines[0]))
@@ -188,9 +215,9 @@ def stage_notes(rows: List[Dict]) -> str:
     return "stage compute per step, ms:\n" + "\n".join(notes) if notes else ""
 
 
-def write_csv(path: str, rows: List[Dict]) -> None:
+def write_csv(path: str, rows: List[Dict], columns: List[str]) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -203,21 +230,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, HydraException, OmegaConfBaseException) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
-    rows = [local_row(cfg, batches, 1, args.warmup, args.steps),
-            local_row(cfg, batches, usable_cores(), args.warmup, args.steps)]
+    rows = baseline_rows(cfg, batches, args.warmup, args.steps)
     torch.set_num_threads(1)  # the parent only waits while the world runs
     runs = [(schedule, m) for schedule in args.schedules for m in args.micro_batches]
     rows += run_in_local_world(cfg, args.stages + 1, pipeline_rows, (runs, args.warmup, args.steps), args.timeout)
-    if not args.no_peer:
+    on_gpu = cfg.device == "cuda"
+    if not args.no_peer and not on_gpu:
         rows += peer_rows(cfg, runs, batches, args.stages, args.warmup, args.steps, args.timeout)
-    add_ratios(rows, args.batch_size, args.stages)
+    added = add_ratios(rows, args.batch_size, args.stages, torch.cuda.device_count() if on_gpu else usable_cores())
+    columns, headers = COLUMNS + [c for c, _ in added], HEADERS + [h for _, h in added]
     print(machine_line())
     print(f"model={args.model} data={args.data} shape={list(cfg.data.shape)} batch={args.batch_size} "
-          f"steps={args.steps} (median) warmup={args.warmup} overrides={args.override or '-'}")
-    print(format_table(rows))
+          f"device={cfg.device} steps={args.steps} (median) warmup={args.warmup} overrides={args.override or '-'}")
+    if on_gpu and not args.no_peer:
+        # gloo's send/recv take CPU tensors only, and NCCL refuses two ranks on one GPU.
+        print("no torch.distributed.pipelining rows on cuda")
+    print(format_table(rows, columns, headers))
     print(stage_notes(rows))
     if args.csv:
-        write_csv(args.csv, rows)
+        write_csv(args.csv, rows, columns)
     return 0
 
 
