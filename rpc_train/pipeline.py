@@ -122,10 +122,12 @@ class PipelineEngine:
                 torch.futures.wait_all([s.rpc_async().drop_stats() for s in self.stages])
                 return StepResult(loss, 0, skipped=True)
             contexts = [d[0] for d in done]
+            stepping = time.perf_counter()
             per_stage = torch.futures.wait_all([s.rpc_async().step(contexts) for s in self.stages])
+            step_ms = 1e3 * (time.perf_counter() - stepping)
         finally:
             release.set()  # the contexts may close now: the stages have read their gradients
-        return self._result(loss, done, per_stage, started)
+        return self._result(loss, done, per_stage, started, step_ms)
 
     def _micro_batch(self, seq, x, y, batch, window, release, report: Future) -> None:
         """One micro-batch's forward, loss and backward, in its own autograd context.
@@ -152,8 +154,9 @@ class PipelineEngine:
             if not report.done():
                 report.set_exception(err)
 
-    def _result(self, loss: float, done, per_stage, started) -> StepResult:
-        stats = {"lr": next(s["lr"] for s in per_stage if s["lr"] is not None)}
+    def _result(self, loss: float, done, per_stage, started, step_ms: float) -> StepResult:
+        # step_ms: the stages' gradient sums and optimizer steps, after the last backward.
+        stats = {"lr": next(s["lr"] for s in per_stage if s["lr"] is not None), "pipeline/step_ms": step_ms}
         for i, s in enumerate(per_stage):
             stats[f"stage{i}/forward_ms"] = s["forward_ms"]
             stats[f"stage{i}/backward_ms"] = s["backward_ms"]
