@@ -1,4 +1,5 @@
-"""The RPC micro-benchmark runs end to end (figures are printed, never asserted)."""
+"""The RPC micro-benchmark and the micro-batch anatomy run end to end (figures are printed;
+only orderings that hold on any machine are asserted)."""
 
 import subprocess
 import sys
@@ -17,3 +18,16 @@ def test_rpc_microbenchmark_prints_rpc_and_gloo_columns():
     rows = {line.split()[0] + " " + line.split()[1]: line.split() for line in result.stdout.splitlines()[2:]}
     assert set(rows) == {"4 B", "1 MB"}
     assert all(float(v) > 0 for v in rows["1 MB"][4:8])  # rpc/gloo ms and MB/s
+
+
+def test_micro_batch_anatomy_times_every_piece():
+    result = subprocess.run([sys.executable, "-m", "rpc_train.bench_anatomy", "--repeats", "10"],
+                            cwd=REPO, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = {line.rsplit(" ", 2)[0].strip(): float(line.split()[-2])
+               for line in result.stdout.splitlines()[1:]}
+    assert len(figures) == 11 and all(ms > 0 for ms in figures.values()), figures
+    # Each row adds a piece to the one before: a micro-batch with its backward costs more than
+    # the bare forward, and a step of 8 micro-batches more than a step of 1.
+    assert figures["... + loss and distributed backward"] > figures["forward through the stages, no autograd"]
+    assert figures["train_step, 8 micro-batches"] > figures["train_step, 1 micro-batch, all of it"]
