@@ -19,7 +19,7 @@ import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from rpc_train.bench_rpc import echo
+from rpc_train.bench_rpc import echo, median_s
 from rpc_train.bench_world import run_in_local_world
 from rpc_train.config import register_configs
 from rpc_train.pipeline import PipelineEngine
@@ -27,15 +27,8 @@ from rpc_train.preflight import CONF_DIR
 from rpc_train.stage import forward_on_stage
 
 
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    return 1e3 * median_s(fn, repeats, warmup=10)
 
 
 def _rows(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, repeats: int) -> List[tuple]:
