@@ -101,6 +101,10 @@ class StageWorker:
         try:
             bind_cuda_context(self.device)
             start = time.perf_counter()
+            if x.is_cuda:
+                # TensorPipe allocated x on the request's pool stream; once freed, its memory
+                # must not be reused there before this stream's kernels have read it.
+                x.record_stream(torch.cuda.current_stream(x.device))
             x = x.to(self.device, non_blocking=True)
             if self.module.training != training:
                 self.module.train(training)
@@ -130,15 +134,20 @@ class StageWorker:
             p.grad = None
         for context_id in context_ids:
             grads = dist_autograd.get_gradients(context_id)
-            pairs = [(p, grads[p]) for p in self.params if p in grads]
-            fresh = [(p, g) for p, g in pairs if p.grad is None]
-            for p, g in fresh:
-                p.grad = g  # the context's own tensor: it is not read again once summed here
-            more = [(p.grad, g) for p, g in pairs if p.grad is not g]
-            if more:
+            sums, addends = [], []
+            for p in self.params:
+                g = grads.get(p)
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g  # the context's own tensor: it is not read again once summed here
+                else:
+                    sums.append(p.grad)
+                    addends.append(g)
+            if sums:
                 # One fused add per context rather than one kernel per parameter: ResNet-50 on a
                 # GPU would otherwise launch ~160 kernels per micro-batch here.
-                torch._foreach_add_([a for a, _ in more], [g for _, g in more])
+                torch._foreach_add_(sums, addends)
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
