@@ -33,6 +33,7 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 def _rows(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, repeats: int) -> List[tuple]:
     first = engine.workers[0]
+    x, y = x.to(engine.device), y.to(engine.device)  # where the engine keeps them (a GPU with device=cuda)
 
     def forward(training: bool) -> torch.Tensor:
         # Stages take micro-batches in the engine's sequence order: number them as it would.

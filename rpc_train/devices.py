@@ -64,8 +64,10 @@ def on_device_stream(device: torch.device):
 
     The RPC agent runs each request on a fresh stream from a pool (ready once the request's
     tensors are). A forward, the optimizer step that follows its backward and the next
-    forward would then race on separate streams; on one stream they run in order. Anything
-    sent or returned from inside this block is recorded as ready on that stream.
+    forward would then race on separate streams; on one stream they run in order. Tensors
+    sent, or set on a Future naming the device, inside this block are recorded as ready on
+    that stream; a plain return value is serialised after the block, so control calls that
+    use this return CPU values only.
     """
     if device.type != "cuda":
         return nullcontext()
