@@ -1,5 +1,5 @@
-"""The RPC micro-benchmark and the micro-batch anatomy run end to end (figures are printed;
-only orderings that hold on any machine are asserted)."""
+"""The RPC micro-benchmark, the micro-batch anatomy and the side-by-side control run end to
+end (figures are printed; only orderings that hold on any machine are asserted)."""
 
 import subprocess
 import sys
@@ -31,3 +31,12 @@ def test_micro_batch_anatomy_times_every_piece():
     # the bare forward, and a step of 8 micro-batches more than a step of 1.
     assert figures["... + loss and distributed backward"] > figures["forward through the stages, no autograd"]
     assert figures["train_step, 8 micro-batches"] > figures["train_step, 1 micro-batch, all of it"]
+
+
+def test_side_by_side_jobs_report_each_step():
+    result = subprocess.run([sys.executable, "-m", "rpc_train.bench_cores", "--model", "mlp", "--jobs", "2",
+                             "--steps", "3", "--warmup", "1"], cwd=REPO, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()[1:]
+    assert [line.split(":")[0] for line in lines] == ["1 job(s) at once", "2 job(s) at once"]
+    assert [line.count(" ms") for line in lines] == [1, 2]  # one median step per job
