@@ -22,9 +22,10 @@ import torch
 import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from rpc_train.builders import build_model
+from rpc_train.config import as_dict
 from rpc_train.devices import bind_cuda_context, driver_device, stage_device
 from rpc_train.partition import plan_stages, stage_bounds
 from rpc_train.runtime import worker_name
@@ -46,9 +47,6 @@ class StepResult:
     started: float = 0.0
 
 
-def _as_dict(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
 
 def num_stages(cfg: DictConfig, world_size: int) -> int:
     return cfg.pipeline.stages or world_size - 1
@@ -69,7 +67,7 @@ class PipelineEngine:
         self.max_in_flight = k if cfg.pipeline.schedule == "1f1b" else self.micro_batches
         # One thread per micro-batch: each holds its autograd context until the step.
         self._pool = ThreadPoolExecutor(self.micro_batches, thread_name_prefix="micro-batch")
-        model_cfg = _as_dict(cfg.model)
+        model_cfg = as_dict(cfg.model)
         layers = list(build_model(model_cfg, cfg.seed))
         # Timing layers needs only the shape of a micro-batch, not real data, on the stages'
         # kind of device (check_device has made sure the driver sees it too).
@@ -79,7 +77,7 @@ class PipelineEngine:
         self.workers = [worker_name(rank) for rank in range(1, k + 1)]
         self.stages = [
             rpc.remote(self.workers[i], StageWorker,
-                       args=(i, model_cfg, bounds, _as_dict(cfg.optim), _as_dict(cfg.scheduler) or None,
+                       args=(i, model_cfg, bounds, as_dict(cfg.optim), as_dict(cfg.scheduler) or None,
                              stage_device(cfg.device, i), cfg.seed))
             for i, bounds in enumerate(stage_bounds(self.counts))
         ]

@@ -9,7 +9,7 @@ import torch
 from conftest import assert_same_parameters, exported_model, compose_config, launch, ok
 from rpc_train.builders import build_model
 from rpc_train.checkpoint import damage
-from rpc_train.ps.driver import _as_dict
+from rpc_train.config import as_dict
 from rpc_train.ps.server import ParameterServer
 from rpc_train.validate import validate
 
@@ -21,7 +21,7 @@ TOTAL, HALF, EPOCH = 16, 6, 10
 
 
 def make_server(cfg, names, server_id=0):
-    return ParameterServer(server_id, names, _as_dict(cfg.model), _as_dict(cfg.optim), None, cfg.seed,
+    return ParameterServer(server_id, names, as_dict(cfg.model), as_dict(cfg.optim), None, cfg.seed,
                            trainers=1, sync=True, max_staleness=0)
 
 
@@ -32,7 +32,7 @@ def test_validate_accepts_checkpoint_settings_in_parameter_server_mode(tmp_path)
 
 def test_a_server_shard_saves_and_loads_by_name_with_its_optimizer_state(tmp_path):
     cfg = compose_config(PS)
-    names = list(build_model(_as_dict(cfg.model), cfg.seed).state_dict())
+    names = list(build_model(as_dict(cfg.model), cfg.seed).state_dict())
     server = make_server(cfg, names)
     for step in range(3):  # momentum state builds up
         grads = {n: torch.full_like(p, 0.1 * (step + 1)) for n, p in server.params.items()}

@@ -14,10 +14,11 @@ from typing import Dict, List
 
 import torch
 import torch.distributed.rpc as rpc
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from rpc_train.checkpointer import Checkpointer
+from rpc_train.config import as_dict
 from rpc_train.data import make_loaders
 from rpc_train.errors import ConfigError, RunFailure
 from rpc_train.local import LocalEngine
@@ -32,14 +33,11 @@ from rpc_train.trainer import evaluate
 log = logging.getLogger(__name__)
 
 
-def _as_dict(node):
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
 
 def build_servers(cfg: DictConfig, roles: ParameterServerRoles, shards: List[List[str]]) -> list:
     trainers = len(roles.trainers)
     return [rpc.remote(worker, ParameterServer, args=(
-                j, shards[j], _as_dict(cfg.model), _as_dict(cfg.optim), _as_dict(cfg.scheduler) or None,
+                j, shards[j], as_dict(cfg.model), as_dict(cfg.optim), as_dict(cfg.scheduler) or None,
                 cfg.seed, trainers, cfg.ps.sync, cfg.ps.max_staleness))
             for j, worker in enumerate(roles.servers)]
 
@@ -49,7 +47,7 @@ def build_trainers(cfg: DictConfig, roles: ParameterServerRoles, shards: List[Li
     where = list(zip(roles.servers, shards))
     heartbeat_s = cfg.runtime.rpc_timeout_s / 4  # well inside the driver's stall limit
     return [rpc.remote(worker, TrainerWorker, args=(
-                i, len(roles.trainers), where, _as_dict(cfg.model), _as_dict(cfg.data),
+                i, len(roles.trainers), where, as_dict(cfg.model), as_dict(cfg.data),
                 cfg.trainer.batch_size, cfg.seed, total_steps, cfg.trainer.log_every, heartbeat_s))
             for i, worker in enumerate(roles.trainers)]
 
