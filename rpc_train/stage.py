@@ -88,6 +88,9 @@ class StageWorker:
     def _wait_turn(self, seq: int) -> None:
         # Micro-batches run in the order the driver issued them, whatever order the RPC
         # threads pick them up in: batch-norm statistics then match single-process training.
+        # The wait blocks this RPC thread (hence micro_batches < num_worker_threads): queueing
+        # the micro-batch for another thread would lose its distributed-autograd context,
+        # which is current only on the thread that received the request.
         with self._turn:
             self._turn.wait_for(lambda: self._next_seq == seq)
 
