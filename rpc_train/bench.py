@@ -105,13 +105,11 @@ def time_steps(engine, batches: list, warmup: int, steps: int) -> tuple:
 
 def local_row(cfg: DictConfig, batches: list, threads: int, warmup: int, steps: int, ratio: str) -> Dict:
     torch.set_num_threads(threads)
-    label = f"{threads} thread" + ("s" if threads > 1 else "")
-    device = "cuda" if cfg.device == "cuda" else "cpu"
-    if device == "cuda":
-        label = f"1 GPU ({torch.cuda.get_device_name()})"
+    on_gpu = cfg.device == "cuda"
+    label = f"1 GPU ({torch.cuda.get_device_name()})" if on_gpu else f"{threads} thread" + ("s" if threads > 1 else "")
     # LocalEngine reads the loss every step (.item()), so each timed step ends with the GPU idle.
-    seconds, _ = time_steps(LocalEngine(cfg, device), batches, warmup, steps)
-    if device == "cuda":
+    seconds, _ = time_steps(LocalEngine(cfg, cfg.device), batches, warmup, steps)
+    if on_gpu:
         torch.cuda.empty_cache()  # the pipeline's stages need the memory next
     return {"setup": f"single-process, {label}", "micro_batches": "-", "threads_processes": label,
             "median_step_ms": 1e3 * statistics.median(seconds), "ratio": ratio}

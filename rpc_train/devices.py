@@ -53,6 +53,7 @@ def bind_cuda_context(device: torch.device) -> None:
 
     RPC and micro-batch threads start without one, and cuBLAS then warns ("no current CUDA
     context") on a stage's first matmul; a runtime call such as this synchronize binds it.
+    Stage work gets it through `on_device_stream`; the driver's threads call it directly.
     """
     if device.type == "cuda" and getattr(_thread, "bound", None) != device:
         torch.cuda.synchronize(device)
@@ -71,6 +72,7 @@ def on_device_stream(device: torch.device):
     """
     if device.type != "cuda":
         return nullcontext()
+    bind_cuda_context(device)
     stream = torch.cuda.default_stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     return torch.cuda.stream(stream)

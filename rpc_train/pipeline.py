@@ -47,7 +47,6 @@ class StepResult:
     started: float = 0.0
 
 
-
 def num_stages(cfg: DictConfig, world_size: int) -> int:
     return cfg.pipeline.stages or world_size - 1
 

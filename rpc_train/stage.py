@@ -17,7 +17,7 @@ import torch.distributed.rpc as rpc
 from torch import nn
 
 from rpc_train.builders import build_model, build_optimizer
-from rpc_train.devices import bind_cuda_context, on_device_stream
+from rpc_train.devices import on_device_stream
 from rpc_train.worker_state import load_worker_state, save_worker_state
 
 # The stages hosted by this process, by stage id, for `forward_on_stage`.
@@ -102,7 +102,6 @@ class StageWorker:
     def compute(self, seq: int, x: torch.Tensor, training: bool) -> torch.Tensor:
         self._wait_turn(seq)
         try:
-            bind_cuda_context(self.device)
             start = time.perf_counter()
             if x.is_cuda:
                 # TensorPipe allocated x on the request's pool stream; once freed, its memory
