@@ -8,7 +8,7 @@ Trainer its position so the data order continues exactly.
 
 An engine takes part through `save_checkpoint(directory) -> [file records]`,
 `load_checkpoint(directory, index)` (index: tensor name -> file) and `layout() -> dict`; the
-pipeline's stages implement them, and parameter-server shards can do the same.
+pipeline's stages implement them, and so do the parameter-server shards (ps/driver.py).
 """
 
 import logging

@@ -39,6 +39,7 @@ class ParameterServer:
         state = build_model(model_cfg, seed).state_dict(keep_vars=True)
         self.params = {n: state[n] for n in names if isinstance(state[n], nn.Parameter)}
         self.buffers = {n: state[n] for n in names if n not in self.params}
+        self.tensors = {**self.params, **self.buffers}  # both, by name: what replies and files hold
         self.optimizer, self.scheduler = (build_optimizer(self.params.values(), optim_cfg, scheduler_cfg)
                                           if self.params else (None, None))
         self.server_id = server_id
@@ -113,7 +114,7 @@ class ParameterServer:
     def _snapshot(self) -> Tensors:
         # Copies: the reply is serialized after the lock is released, while the next step may
         # already be changing these tensors in place.
-        return {n: t.detach().clone() for n, t in {**self.params, **self.buffers}.items()}
+        return {n: t.detach().clone() for n, t in self.tensors.items()}
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else 0.0
@@ -130,7 +131,7 @@ class ParameterServer:
     # (rpc_train/worker_state.py), the format the pipeline's stages write. Called by the driver
     # between epochs, when no trainer is pushing.
     def _owner(self) -> list:
-        return ["parameter server shard", self.server_id, sorted({**self.params, **self.buffers})]
+        return ["parameter server shard", self.server_id, sorted(self.tensors)]
 
     def save_checkpoint(self, directory: str) -> dict:
         filename = f"server{self.server_id}.pt"
@@ -141,11 +142,11 @@ class ParameterServer:
     def load_checkpoint(self, directory: str, index: Dict[str, str]) -> None:
         """Load this shard's names from whichever files hold them (any layout, either mode)."""
         with self._lock:
-            tensors = load_worker_state(directory, index, [*self.params, *self.buffers], self.optimizer,
+            tensors = load_worker_state(directory, index, list(self.tensors), self.optimizer,
                                         list(self.params), self.scheduler, self._owner())
             with torch.no_grad():
                 for name, value in tensors.items():
-                    {**self.params, **self.buffers}[name].copy_(value)
+                    self.tensors[name].copy_(value)
 
     def missing_trainers(self) -> List[int]:
         """Sync: the trainers the open step still waits for; none while no step is open."""

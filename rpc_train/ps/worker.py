@@ -137,14 +137,15 @@ class TrainerWorker:
         self.model.zero_grad(set_to_none=True)
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
-        if not math.isfinite(loss.item()):
+        value = loss.item()
+        if not math.isfinite(value):
             # Raised before any push: no server ever steps on it, so the last checkpoint stays good.
-            raise FloatingPointError(f"non-finite loss ({loss.item()}) at step {self.step + 1}; lower optim.lr "
+            raise FloatingPointError(f"non-finite loss ({value}) at step {self.step + 1}; lower optim.lr "
                                      "(trainer.skip_nonfinite applies to mode=pipeline only)")
         loss.backward()
         # A parameter the loss never reached still needs a gradient: servers average them all.
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.params.items()}
-        return loss.item(), int((logits.argmax(1) == y).sum()), grads
+        return value, int((logits.argmax(1) == y).sum()), grads
 
     def _push(self, shard: Shard, grads: Dict[str, torch.Tensor]) -> torch.futures.Future:
         buffers = {n: self.named[n].detach() for n in shard.buffers}
