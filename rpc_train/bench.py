@@ -202,15 +202,16 @@ def format_table(rows: List[Dict], columns: List[str], headers: List[str]) -> st
 
 
 def stage_notes(rows: List[Dict]) -> str:
-    """Per-stage compute per step (median ms, from the stages' own clocks): where the time went."""
+    """Per-stage compute per step (median ms, from the stages' own clocks) and page faults: where
+    the time went."""
     notes = []
     for row in rows:
         if "stage_ms" in row:
             ms, stages = row["stage_ms"], sorted({key.split("/")[0] for key in row["stage_ms"]})
             parts = ", ".join(f"{s} fwd {ms[s + '/forward_ms']:.1f} bwd {ms[s + '/backward_ms']:.1f}"
-                              for s in stages)
+                              f" faults {ms[s + '/page_faults']:.0f}" for s in stages)
             notes.append(f"  {row['setup']} m={row['micro_batches']}: {parts}")
-    return "stage compute per step, ms:\n" + "\n".join(notes) if notes else ""
+    return "stage compute per step, ms, and page faults per step:\n" + "\n".join(notes) if notes else ""
 
 
 def write_csv(path: str, rows: List[Dict], columns: List[str]) -> None:

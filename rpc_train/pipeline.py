@@ -157,6 +157,7 @@ class PipelineEngine:
         for i, s in enumerate(per_stage):
             stats[f"stage{i}/forward_ms"] = s["forward_ms"]
             stats[f"stage{i}/backward_ms"] = s["backward_ms"]
+            stats[f"stage{i}/page_faults"] = s["page_faults"]
         spans = [s["spans"] for s in per_stage]
         stats["pipeline/bubble_fraction"] = bubble_fraction(spans, started, time.perf_counter())
         return StepResult(loss, sum(d[2] for d in done), stats, spans=spans, started=started)

@@ -7,6 +7,7 @@ RRef fork protocol (extra messages) for every micro-batch.
 """
 
 import functools
+import resource
 import threading
 import time
 from typing import Any, Dict, List, Optional
@@ -74,6 +75,7 @@ class StageWorker:
         self._next_seq = 0
         self._forward_spans: List[tuple] = []
         self._backward_spans: List[list] = []
+        self._faults = _page_faults()
         _LOCAL_STAGES[stage_id] = self
 
     def __reduce__(self):
@@ -158,11 +160,14 @@ class StageWorker:
         return self.pop_stats()
 
     def pop_stats(self) -> Dict[str, Any]:
-        """Compute times of the last step, and each micro-batch's forward/backward span."""
+        """Compute times of the last step, each micro-batch's forward/backward span, and the
+        process's page faults since the last step (memory the allocator gave back and re-took)."""
         spans = [("F", seq, a, b) for seq, a, b in self._forward_spans]
         spans += [("B", seq, a, b) for seq, a, b in self._backward_spans if a and b]
+        faults, self._faults = self._faults, _page_faults()
         stats = {"forward_ms": 1e3 * sum(b - a for kind, _, a, b in spans if kind == "F"),
                  "backward_ms": 1e3 * sum(b - a for kind, _, a, b in spans if kind == "B"),
+                 "page_faults": self._faults - faults,
                  "lr": self.optimizer.param_groups[0]["lr"] if self.optimizer else None, "spans": spans}
         self._forward_spans, self._backward_spans = [], []
         return stats
@@ -205,6 +210,11 @@ class StageWorker:
         tensors = load_worker_state(directory, index, local, self.optimizer, self._param_names(),
                                     self.scheduler, self._owner())
         self.module.load_state_dict({local[name]: t for name, t in tensors.items()})
+
+
+def _page_faults() -> int:
+    # Minor faults: a page the kernel had to map (and zero) on first touch.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _local_stage(stage_id: int) -> "StageWorker":

@@ -14,6 +14,7 @@ EXPECTED_SCALARS = {
     "train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr",
     "throughput/samples_per_s", "time/step_ms",
     "stage0/forward_ms", "stage0/backward_ms", "stage1/forward_ms", "stage1/backward_ms",
+    "stage0/page_faults", "stage1/page_faults",
     "pipeline/bubble_fraction", "pipeline/step_ms",
 }
 
