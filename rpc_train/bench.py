@@ -21,6 +21,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from rpc_train.allocator import configure_allocator
 from rpc_train.bench_peer import peer_medians
 from rpc_train.bench_world import run_in_local_world
 from rpc_train.config import register_configs
@@ -229,6 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, HydraException, OmegaConfBaseException) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    configure_allocator(cfg.runtime)  # as every pipeline and peer process does
     rows = baseline_rows(cfg, batches, args.warmup, args.steps)
     torch.set_num_threads(1)  # the parent only waits while the world runs
     runs = [(schedule, m) for schedule in args.schedules for m in args.micro_batches]

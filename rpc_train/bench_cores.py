@@ -14,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 
+from rpc_train.allocator import configure_allocator
 from rpc_train.bench import draw_batches, time_steps
 from rpc_train.config import register_configs
 from rpc_train.local import LocalEngine
@@ -23,6 +24,7 @@ from rpc_train.runtime import usable_cores
 
 def _job(cfg, warmup: int, steps: int, start, results) -> None:
     torch.set_num_threads(1)
+    configure_allocator(cfg.runtime)
     engine, batches = LocalEngine(cfg), draw_batches(cfg, warmup + steps)
     start.wait()  # every job times its steps at the same moment
     seconds, _ = time_steps(engine, batches, warmup, steps)

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from rpc_train.allocator import configure_allocator
 from rpc_train.bench_world import free_port
 from rpc_train.builders import build_model, build_optimizer
 from rpc_train.partition import plan_stages, stage_bounds
@@ -57,8 +58,9 @@ def _stage_main(rank: int, k: int, port: int, container: dict, runs: list, batch
 
     try:
         torch.set_num_threads(1)  # K single-core stages, as in the rpc_train rows
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k)
         cfg = OmegaConf.create(container)
+        configure_allocator(cfg.runtime)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k)
         layers = list(build_model(container["model"], cfg.seed))
         micro = max(1, cfg.trainer.batch_size // max(m for _, m in runs))
         counts = plan_stages(layers, k, cfg.pipeline.balance, torch.randn(micro, *cfg.data.shape))

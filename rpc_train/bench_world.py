@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from omegaconf import DictConfig
 
 from rpc_train.roles import stage_device_maps
-from rpc_train.runtime import World, configure_threads, rpc_session
+from rpc_train.runtime import World, configure_process, rpc_session
 
 # Seconds a graceful RPC shutdown may take after the driver has reported.
 _SHUTDOWN_S = 60.0
@@ -55,7 +55,7 @@ def _rank_main(rank: int, size: int, port: int, cfg: DictConfig, fn: Callable, a
     _exit_with_parent()
     world = World.from_env()
     try:
-        configure_threads(cfg.runtime, world)
+        configure_process(cfg.runtime, world)
         with rpc_session(cfg.runtime, world, stage_device_maps(cfg, world)):
             if world.is_driver:
                 # Reported before the shutdown, so a shutdown that hangs loses no results.

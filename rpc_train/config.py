@@ -31,6 +31,10 @@ class RuntimeConf:
     # TensorPipe transports. "uv" (TCP) by default: the shared-memory "shm" transport polls,
     # and measured here it burns a third of a core per idle process, on a 2-core machine.
     transports: List[str] = field(default_factory=lambda: ["uv"])
+    # Keep freed tensor memory for reuse rather than return it to the OS and fault it back in
+    # on the next micro-batch (glibc only; see rpc_train/allocator.py). Costs the peak heap.
+    # Benchmarks apply it to every process they time, baselines and peers too.
+    hold_freed_memory: bool = True
 
 
 @dataclass

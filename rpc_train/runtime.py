@@ -16,6 +16,7 @@ from typing import Dict, Iterator, Optional
 import torch
 import torch.distributed.rpc as rpc
 
+from rpc_train.allocator import configure_allocator
 from rpc_train.config import RuntimeConf
 from rpc_train.liveness import ask_whereabouts, kill_if_sibling, timed_out
 
@@ -61,6 +62,12 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def configure_process(runtime: RuntimeConf, world: World) -> int:
+    """Threads and allocator for this rank, before it builds anything; returns the thread count."""
+    configure_allocator(runtime)
+    return configure_threads(runtime, world)
 
 
 def configure_threads(runtime: RuntimeConf, world: World) -> int:

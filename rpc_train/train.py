@@ -24,11 +24,11 @@ def train(cfg: DictConfig) -> Optional[dict]:
     # Imported here so `--help` and `--cfg job` answer without loading torch.
     from rpc_train.driver import drive
     from rpc_train.roles import stage_device_maps
-    from rpc_train.runtime import World, configure_threads, rpc_session
+    from rpc_train.runtime import World, configure_process, rpc_session
 
     world = World.from_env()
     validate(cfg, world.size)
-    configure_threads(cfg.runtime, world)
+    configure_process(cfg.runtime, world)
     with rpc_session(cfg.runtime, world, stage_device_maps(cfg, world)):
         if world.is_driver:
             return drive(cfg, world.size, HydraConfig.get().runtime.output_dir)

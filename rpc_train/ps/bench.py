@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 import torch
 from hydra import compose, initialize_config_dir
 
+from rpc_train.allocator import configure_allocator
 from rpc_train.config import register_configs
 from rpc_train.data import make_loaders
 from rpc_train.local import LocalEngine
@@ -56,6 +57,7 @@ def single_process_row(args: argparse.Namespace, trainers: int) -> Dict:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=[*job_overrides(args), f"trainer.batch_size={trainers * args.batch_size}"])
     torch.set_num_threads(usable_cores())
+    configure_allocator(cfg.runtime)
     loader, _ = make_loaders(cfg.data, cfg.trainer.batch_size, cfg.seed)
     engine, batches = LocalEngine(cfg), list(loader)
     for x, y in batches[:3]:  # warm-up, untimed
