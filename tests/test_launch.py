@@ -26,7 +26,10 @@ def test_smoke_run_logs_every_tag_and_loss_falls(smoke_run):
     losses = [value for _, value in scalars["train/loss"]]
     assert len(losses) == 4  # 20 steps, logged every 5
     assert losses[-1] < 0.8 * losses[0]
-    assert all(value > 0 for _, value in scalars["stage1/backward_ms"])
+    # Stage 1 clocks its backward at its input; stage 0, whose input needs no gradient, by an
+    # autograd-engine callback.
+    for stage in ("stage0", "stage1"):
+        assert all(value > 0 for _, value in scalars[f"{stage}/backward_ms"]), stage
     assert scalars["val/accuracy"][-1][1] > 0.5  # digits, 20 steps: well above chance (0.1)
     tags = event_tags(run_dir)
     assert "config/text_summary" in tags["tensors"]
