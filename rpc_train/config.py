@@ -47,8 +47,9 @@ class PipelineConf:
     # or a list of layer counts. Parameter counts mislead for conv nets: the first conv blocks
     # have the fewest parameters and the most compute.
     balance: Any = "time"
-    # "gpipe": every micro-batch enters at once; "1f1b": at most `stages` micro-batches in
-    # flight, which bounds activation memory. Both run each backward as soon as it can.
+    # "gpipe": every micro-batch enters at once; "1f1b": each stage holds at most `stages`
+    # micro-batches (forward done, backward not), which bounds activation memory. Both run
+    # each backward as soon as it can.
     schedule: str = "1f1b"
     # Log a timeline figure of the pipeline every N steps (0: never).
     timeline_every: int = 100

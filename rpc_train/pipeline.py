@@ -6,8 +6,13 @@ backward elsewhere (one shared context would serialise the backward passes). A d
 thread per micro-batch carries its context: issue the forward, compute the loss, run the
 backward. The stages then sum their gradients over all contexts and step: one RPC per stage.
 
-Schedules: `gpipe` lets every micro-batch in at once; `1f1b` keeps at most K (the number of
-stages) in flight, so each stage holds at most K micro-batches' activations.
+Schedules: the driver sends every micro-batch at once. With `gpipe` each stage runs the
+forwards as they come; with `1f1b` a stage starts a forward only while fewer than K
+micro-batches are past its forward and not yet through its backward, so it holds at most K
+micro-batches' activations. The stage enforces it (`StageWorker.max_in_flight`): a forward
+starts the moment a backward ends there, with no round trip to the driver. (Textbook 1F1B
+lets stage k hold K - k; here the loss is on the driver, one hop past the last stage, and
+a last stage allowed one micro-batch would idle through every round trip to it.)
 """
 
 import logging
@@ -63,7 +68,6 @@ class PipelineEngine:
         self.micro_batches = cfg.pipeline.micro_batches
         self.device = torch.device(driver_device(cfg.device))
         k = num_stages(cfg, world_size)
-        self.max_in_flight = k if cfg.pipeline.schedule == "1f1b" else self.micro_batches
         # One thread per micro-batch: each holds its autograd context until the step.
         self._pool = ThreadPoolExecutor(self.micro_batches, thread_name_prefix="micro-batch")
         model_cfg = as_dict(cfg.model)
@@ -77,7 +81,7 @@ class PipelineEngine:
         self.stages = [
             rpc.remote(self.workers[i], StageWorker,
                        args=(i, model_cfg, bounds, as_dict(cfg.optim), as_dict(cfg.scheduler) or None,
-                             stage_device(cfg.device, i), cfg.seed))
+                             stage_device(cfg.device, i), cfg.seed, k if cfg.pipeline.schedule == "1f1b" else None))
             for i, bounds in enumerate(stage_bounds(self.counts))
         ]
         self._connected = [
@@ -104,14 +108,12 @@ class PipelineEngine:
         started = time.perf_counter()
         # One host-to-device copy per batch; the micro-batches are views of it.
         x, y = x.to(self.device), y.to(self.device)
-        window = threading.Semaphore(self.max_in_flight)
         release = threading.Event()
         reports = []
         try:
             for cx, cy in zip(x.tensor_split(self.micro_batches), y.tensor_split(self.micro_batches)):
-                window.acquire()  # in seq order, so no stage ever waits for a micro-batch not yet sent
                 reports.append(Future())
-                self._pool.submit(self._micro_batch, self._seq, cx, cy, len(y), window, release, reports[-1])
+                self._pool.submit(self._micro_batch, self._seq, cx, cy, len(y), release, reports[-1])
                 self._seq += 1
             done = [report.result() for report in reports]
             loss = sum(d[1] for d in done)
@@ -126,7 +128,7 @@ class PipelineEngine:
             release.set()  # the contexts may close now: the stages have read their gradients
         return self._result(loss, done, per_stage, started, step_ms)
 
-    def _micro_batch(self, seq, x, y, batch, window, release, report: Future) -> None:
+    def _micro_batch(self, seq, x, y, batch, release, report: Future) -> None:
         """One micro-batch's forward, loss and backward, in its own autograd context.
 
         Reports (context id, loss, correct) once its backward is done, then keeps the context
@@ -135,17 +137,14 @@ class PipelineEngine:
         try:
             bind_cuda_context(self.device)
             with dist_autograd.context() as context_id:
-                try:
-                    out = rpc.rpc_sync(self.workers[0], forward_on_stage, args=(0, seq, x, True))
-                    # Summed, then divided by the whole batch: the micro-batches' losses add up
-                    # to the batch's mean loss, so gradients match one pass over the batch.
-                    loss = F.cross_entropy(out, y, reduction="sum") / batch
-                    value = loss.item()
-                    if math.isfinite(value):
-                        dist_autograd.backward(context_id, [loss])
-                    report.set_result((context_id, value, int((out.argmax(1) == y).sum())))
-                finally:
-                    window.release()
+                out = rpc.rpc_sync(self.workers[0], forward_on_stage, args=(0, seq, x, True))
+                # Summed, then divided by the whole batch: the micro-batches' losses add up
+                # to the batch's mean loss, so gradients match one pass over the batch.
+                loss = F.cross_entropy(out, y, reduction="sum") / batch
+                # Even for a non-finite loss (the step is then dropped, not applied): with
+                # 1f1b, later forwards wait at each stage for this backward to end there.
+                dist_autograd.backward(context_id, [loss])
+                report.set_result((context_id, loss.item(), int((out.argmax(1) == y).sum())))
                 release.wait()
         except BaseException as err:  # noqa: BLE001 - handed to the driver's thread
             if not report.done():

@@ -45,18 +45,18 @@ class _Clock(torch.autograd.Function):
         return (grad if ctx.x_requires_grad else None), None, None
 
 
-def _ends_with_graph_task(span: list):
+def _ends_with_graph_task(span: list, ended):
     """The first stage's backward clock: start when the gradient arrives, end with the backward.
 
     Its input needs no gradient, and a clock on the input would ask for one: the convnet's
     first block then spent 80% more on its backward computing a gradient nobody reads. So the
-    end is taken by a callback that the autograd engine runs once this stage's part of the
-    micro-batch's backward is done.
+    end (`ended(t)`) is taken by a callback that the autograd engine runs once this stage's
+    part of the micro-batch's backward is done.
     """
 
     def started(t: float) -> None:
         span[1] = t
-        torch.autograd.Variable._execution_engine.queue_callback(lambda: span.__setitem__(2, time.perf_counter()))
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: ended(time.perf_counter()))
 
     return started
 
@@ -74,8 +74,12 @@ def _on_stage_stream(method):
 
 class StageWorker:
     def __init__(self, stage_id: int, model_cfg: dict, layers: range, optim_cfg: dict,
-                 scheduler_cfg: Optional[dict], device: str, seed: int):
+                 scheduler_cfg: Optional[dict], device: str, seed: int, max_in_flight: Optional[int] = None):
+        """`max_in_flight`: 1F1B's bound, training micro-batches past this stage's forward whose
+        backward here has not ended (None: no bound, GPipe)."""
         self.stage_id = stage_id
+        self.max_in_flight = max_in_flight
+        self._in_flight = 0
         self.device = torch.device(device)
         full = build_model(model_cfg, seed)
         with on_device_stream(self.device):  # the copies are ordered before the first forward
@@ -103,7 +107,7 @@ class StageWorker:
     def connect(self, next_worker: Optional[str], next_stage_id: Optional[int]) -> None:
         self.next_stage = (next_worker, next_stage_id) if next_worker else None
 
-    def _wait_turn(self, seq: int) -> None:
+    def _wait_turn(self, seq: int, training: bool) -> None:
         # Micro-batches run in the order the driver issued them, whatever order the RPC
         # threads pick them up in: batch-norm statistics then match single-process training.
         # The wait blocks this RPC thread (hence micro_batches < num_worker_threads): queueing
@@ -111,6 +115,19 @@ class StageWorker:
         # which is current only on the thread that received the request.
         with self._turn:
             self._turn.wait_for(lambda: self._next_seq == seq)
+            if training:
+                # 1F1B: the next forward starts here the moment an earlier backward ends here,
+                # without a round trip to the driver. The earliest micro-batch in flight can
+                # always finish, so the wait ends.
+                if self.max_in_flight is not None:
+                    self._turn.wait_for(lambda: self._in_flight < self.max_in_flight)
+                self._in_flight += 1
+
+    def _backward_ended(self, span: list, t: float) -> None:
+        span[2] = t
+        with self._turn:
+            self._in_flight -= 1
+            self._turn.notify_all()
 
     def _done_turn(self) -> None:
         with self._turn:
@@ -118,7 +135,7 @@ class StageWorker:
             self._turn.notify_all()
 
     def compute(self, seq: int, x: torch.Tensor, training: bool) -> torch.Tensor:
-        self._wait_turn(seq)
+        self._wait_turn(seq, training)
         try:
             start = time.perf_counter()
             if x.is_cuda:
@@ -132,11 +149,12 @@ class StageWorker:
                 if training:
                     span = [seq, 0.0, 0.0]  # backward (start, end), filled in by the clocks
                     self._backward_spans.append(span)
+                    ended = functools.partial(self._backward_ended, span)
                     if x.requires_grad:  # the backward ends when the gradient reaches the input
-                        x = _Clock.apply(x, self._anchor, lambda t: span.__setitem__(2, t))
+                        x = _Clock.apply(x, self._anchor, ended)
                         started = lambda t: span.__setitem__(1, t)  # noqa: E731
                     else:
-                        started = _ends_with_graph_task(span)
+                        started = _ends_with_graph_task(span, ended)
                     y = self.module(x)
                     y = _Clock.apply(y, self._anchor, started)
                 else:
