@@ -61,15 +61,20 @@ def time_costs(layers: Sequence[nn.Module], sample: torch.Tensor, repeats: int =
     device = sample.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     costs, x = [], sample
-    for layer in layers:
+    for i, layer in enumerate(layers):
         layer = copy.deepcopy(layer).to(device) if device.type != "cpu" else layer
         timings, out = [], None
         for _ in range(repeats):
-            inp = x.detach().requires_grad_(x.is_floating_point())
+            # The data needs no gradient, so the first layer's backward computes none for its
+            # input (nor does stage 0's): a conv's input gradient costs as much as its weights'.
+            inp = x.detach().requires_grad_(i > 0 and x.is_floating_point())
             sync()
             start = time.perf_counter()
             out = layer(inp)
-            out.float().sum().backward()
+            if out.requires_grad:  # not so for a first layer without parameters
+                # A materialised gradient, as the next stage sends: sum()'s expanded one takes
+                # slower (strided) backward kernels in pooling and batch norm.
+                out.backward(torch.ones_like(out))
             sync()
             timings.append(time.perf_counter() - start)
         costs.append(sorted(timings)[len(timings) // 2])

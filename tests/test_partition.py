@@ -51,6 +51,27 @@ def test_time_balance_measures_the_slow_layer():
     assert len(plan_stages(layers, 2, "time", torch.randn(64, 64))) == 2
 
 
+class InputProbe(nn.Module):
+    """Records whether each input it sees asks for a gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.requires_grad)
+        return x
+
+
+def test_time_costs_times_backward_as_the_stages_run_it():
+    first, later = InputProbe(), InputProbe()
+    # A parameter-free first layer (no gradient to compute at all) is timed too.
+    costs = time_costs([first, nn.Flatten(), nn.Linear(12, 4), later, nn.ReLU()], torch.randn(4, 3, 4))
+    assert len(costs) == 5 and all(c > 0 for c in costs)
+    # Like stage 0, the first layer gets the data without a gradient; later layers get one.
+    assert set(first.seen) == {False} and set(later.seen) == {True}
+
+
 def test_explicit_balance_is_used_as_given_and_checked():
     layers = [nn.ReLU() for _ in range(5)]
     assert plan_stages(layers, 2, [4, 1], torch.randn(1)) == [4, 1]
