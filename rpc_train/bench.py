@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from rpc_train.allocator import configure_allocator
+from rpc_train.bench_bound import add_split_bounds, measure_splits, split_notes
 from rpc_train.bench_peer import peer_medians
 from rpc_train.bench_world import run_in_local_world
 from rpc_train.config import register_configs
@@ -138,7 +139,8 @@ def pipeline_rows(world: World, cfg: DictConfig, runs: List[tuple], warmup: int,
                     for key in results[0].stats if key.startswith("stage")}
         rows.append({"setup": f"rpc_train {schedule} K={k}", "micro_batches": m,
                      "threads_processes": f"{world.size} proc: driver + {where}",
-                     "median_step_ms": 1e3 * statistics.median(seconds), "stage_ms": stage_ms})
+                     "median_step_ms": 1e3 * statistics.median(seconds), "stage_ms": stage_ms,
+                     "counts": list(engine.counts)})
         engine.close()  # the old stages are freed before the next ones are built
     return rows
 
@@ -211,7 +213,7 @@ def stage_notes(rows: List[Dict]) -> str:
             ms, stages = row["stage_ms"], sorted({key.split("/")[0] for key in row["stage_ms"]})
             parts = ", ".join(f"{s} fwd {ms[s + '/forward_ms']:.1f} bwd {ms[s + '/backward_ms']:.1f}"
                               f" faults {ms[s + '/page_faults']:.0f}" for s in stages)
-            notes.append(f"  {row['setup']} m={row['micro_batches']}: {parts}")
+            notes.append(f"  {row['setup']} m={row['micro_batches']} (layers {row['counts']}): {parts}")
     return "stage compute per step, ms, and page faults per step:\n" + "\n".join(notes) if notes else ""
 
 
@@ -233,12 +235,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     configure_allocator(cfg.runtime)  # as every pipeline and peer process does
     rows = baseline_rows(cfg, batches, args.warmup, args.steps)
     torch.set_num_threads(1)  # the parent only waits while the world runs
+    on_gpu = cfg.device == "cuda"
+    devices = torch.cuda.device_count() if on_gpu else usable_cores()
+    # Stages that share a device do not overlap, and there is no bound of this shape for them.
+    splits = measure_splits(cfg, args.stages, args.micro_batches) if devices >= args.stages and not on_gpu else {}
     runs = [(schedule, m) for schedule in args.schedules for m in args.micro_batches]
     rows += run_in_local_world(cfg, args.stages + 1, pipeline_rows, (runs, args.warmup, args.steps), args.timeout)
-    on_gpu = cfg.device == "cuda"
     if not args.no_peer and not on_gpu:
         rows += peer_rows(cfg, runs, batches, args.stages, args.warmup, args.steps, args.timeout)
-    added = add_ratios(rows, args.batch_size, args.stages, torch.cuda.device_count() if on_gpu else usable_cores())
+    added = add_ratios(rows, args.batch_size, args.stages, devices)
+    add_split_bounds(rows, splits, rows[0]["median_step_ms"])
+    added.append(("split_bound", "split bound"))
     columns, headers = COLUMNS + [c for c, _ in added], HEADERS + [h for _, h in added]
     print(machine_line())
     print(f"model={args.model} data={args.data} shape={list(cfg.data.shape)} batch={args.batch_size} "
@@ -248,6 +255,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("no torch.distributed.pipelining rows on cuda")
     print(format_table(rows, columns, headers))
     print(stage_notes(rows))
+    print(split_notes(splits))
     if args.csv:
         write_csv(args.csv, rows, columns)
     return 0

@@ -32,4 +32,8 @@ def test_bench_runs_and_writes_every_row(tmp_path):
         (f"rpc_train {s} K=2", m) for s in ("1f1b", "gpipe") for m in ("1", "2")] + [
         (f"torch pipelining {s} K=2", "2") for s in ("1f1b", "gpipe")]
     assert all(float(r["samples_per_s"]) > 0 for r in rows)
+    # Every pipeline row, rpc_train's and the peer's, is set against a zero-overhead pipeline.
+    piped = [r for r in rows if r["micro_batches"] != "-"]
+    assert all(0 < float(r["split_bound"]) for r in piped)
+    assert all(r["split_bound"] == "-" for r in rows if r["micro_batches"] == "-")
     assert "samples/s" in done.stdout
