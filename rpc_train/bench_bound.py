@@ -25,7 +25,7 @@ from rpc_train.partition import plan_stages, stage_bounds
 
 
 def stage_costs(layers: Sequence[nn.Module], counts: Sequence[int], sample: torch.Tensor,
-                repeats: int) -> List[float]:
+                repeats: int, budget_s: float = 5.0) -> List[float]:
     """Fastest forward+backward seconds of each stage on one micro-batch, as a stage runs it:
     no input gradient on stage 0, a materialised gradient from the next stage. The fastest,
     not the median: it is a bound, and other load on the machine only ever adds time."""
@@ -33,7 +33,8 @@ def stage_costs(layers: Sequence[nn.Module], counts: Sequence[int], sample: torc
     for k, bounds in enumerate(stage_bounds(counts)):
         stage = nn.Sequential(*[layers[i] for i in bounds])
         timings, out = [], None
-        for _ in range(repeats + 2):  # two warm-up runs
+        # Two warm-up runs, then `repeats`, or fewer for a slow stage (ResNet-50: seconds each).
+        while len(timings) < 2 + repeats and (len(timings) < 4 or sum(timings) < budget_s):
             inp = x.detach().requires_grad_(k > 0)
             start = time.perf_counter()
             out = stage(inp)
