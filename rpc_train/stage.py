@@ -91,8 +91,9 @@ class StageWorker:
                                           if self.params else (None, None))
         self.next_stage: Optional[tuple] = None  # (worker name, stage id)
         self._anchor = torch.zeros((), requires_grad=True)
-        self._turn = threading.Condition()
+        self._turn = threading.Lock()  # guards _next_seq, _in_flight and _waiting
         self._next_seq = 0
+        self._waiting: Dict[int, threading.Condition] = {}  # seq -> the RPC thread holding it
         self._forward_spans: List[tuple] = []
         self._backward_spans: List[list] = []
         self._faults = _page_faults()
@@ -114,25 +115,35 @@ class StageWorker:
         # the micro-batch for another thread would lose its distributed-autograd context,
         # which is current only on the thread that received the request.
         with self._turn:
-            self._turn.wait_for(lambda: self._next_seq == seq)
+            # Only micro-batch `_next_seq` may go on, so only its thread is woken (see _wake_next):
+            # waking every waiting thread on every change would cost each a GIL round.
+            wake = self._waiting[seq] = threading.Condition(self._turn)
+            # 1F1B: the next forward starts here the moment an earlier backward ends here,
+            # without a round trip to the driver. The earliest micro-batch in flight can
+            # always finish, so the wait ends.
+            while self._next_seq != seq or (training and self.max_in_flight is not None
+                                            and self._in_flight >= self.max_in_flight):
+                wake.wait()
+            del self._waiting[seq]
             if training:
-                # 1F1B: the next forward starts here the moment an earlier backward ends here,
-                # without a round trip to the driver. The earliest micro-batch in flight can
-                # always finish, so the wait ends.
-                if self.max_in_flight is not None:
-                    self._turn.wait_for(lambda: self._in_flight < self.max_in_flight)
                 self._in_flight += 1
+
+    def _wake_next(self) -> None:
+        # Called with self._turn held.
+        wake = self._waiting.get(self._next_seq)
+        if wake is not None:
+            wake.notify()
 
     def _backward_ended(self, span: list, t: float) -> None:
         span[2] = t
         with self._turn:
             self._in_flight -= 1
-            self._turn.notify_all()
+            self._wake_next()
 
     def _done_turn(self) -> None:
         with self._turn:
             self._next_seq += 1
-            self._turn.notify_all()
+            self._wake_next()
 
     def compute(self, seq: int, x: torch.Tensor, training: bool) -> torch.Tensor:
         self._wait_turn(seq, training)
