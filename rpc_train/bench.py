@@ -238,13 +238,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     on_gpu = cfg.device == "cuda"
     devices = torch.cuda.device_count() if on_gpu else usable_cores()
     # Stages that share a device do not overlap, and there is no bound of this shape for them.
-    splits = measure_splits(cfg, args.stages, args.micro_batches) if devices >= args.stages and not on_gpu else {}
+    splits = measure_splits(cfg, args.stages, args.micro_batches) if devices >= args.stages and not on_gpu else None
     runs = [(schedule, m) for schedule in args.schedules for m in args.micro_batches]
     rows += run_in_local_world(cfg, args.stages + 1, pipeline_rows, (runs, args.warmup, args.steps), args.timeout)
     if not args.no_peer and not on_gpu:
         rows += peer_rows(cfg, runs, batches, args.stages, args.warmup, args.steps, args.timeout)
     added = add_ratios(rows, args.batch_size, args.stages, devices)
-    add_split_bounds(rows, splits, rows[0]["median_step_ms"])
+    add_split_bounds(rows, splits)
     added.append(("split_bound", "split bound"))
     columns, headers = COLUMNS + [c for c, _ in added], HEADERS + [h for _, h in added]
     print(machine_line())

@@ -8,12 +8,14 @@ pipeline would take is fill and drain plus the slowest stage for every other mic
 
     ideal step = sum(stage costs) + (m - 1) * max(stage costs)
 
-Bound = (one-thread step of the whole batch) / ideal step / K. Against it, a row's efficiency
-shows what the pipeline's own machinery (messages, threads, processes) costs.
+Bound = (the whole batch through the whole model, same measurement) / ideal step / K. Against
+it, a row's efficiency shows what the pipeline's own machinery (messages, threads, processes)
+costs; within the noise of a shared machine (the rows and the bound are timed minutes apart).
 """
 
 import time
-from typing import Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -49,30 +51,42 @@ def ideal_step_s(costs: Sequence[float], m: int) -> float:
     return sum(costs) + (m - 1) * max(costs)
 
 
-def measure_splits(cfg: DictConfig, k: int, micro_batches: Sequence[int], repeats: int = 10) -> Dict[int, tuple]:
-    """For each micro-batch count: (layer counts per stage, stage costs per micro-batch in s),
-    split as the engine splits it (`pipeline.balance`)."""
+@dataclass
+class Splits:
+    whole_s: float  # the whole model's forward+backward on the whole batch, one thread
+    by_m: Dict[int, tuple]  # micro-batches -> (layer counts per stage, stage costs per micro-batch)
+
+
+def measure_splits(cfg: DictConfig, k: int, micro_batches: Sequence[int], repeats: int = 10) -> Splits:
+    """The stages' costs for each micro-batch count, split as the engine splits them
+    (`pipeline.balance`), and the whole batch through the whole model, measured back to back:
+    the bound is their ratio, so a machine that is slower for a while slows both alike."""
     layers = list(build_model(as_dict(cfg.model), cfg.seed))
-    splits = {}
+    batch = torch.randn(cfg.trainer.batch_size, *cfg.data.shape)
+    whole_s = stage_costs(layers, [len(layers)], batch, repeats)[0]
+    by_m = {}
     for m in micro_batches:
-        sample = torch.randn(max(1, cfg.trainer.batch_size // m), *cfg.data.shape)
+        sample = batch[:max(1, cfg.trainer.batch_size // m)]
         counts = plan_stages(layers, k, cfg.pipeline.balance, sample)
-        splits[m] = (counts, stage_costs(layers, counts, sample, repeats))
-    return splits
+        by_m[m] = (counts, stage_costs(layers, counts, sample, repeats))
+    return Splits(whole_s, by_m)
 
 
-def add_split_bounds(rows: List[Dict], splits: Dict[int, tuple], one_thread_ms: float) -> None:
+def add_split_bounds(rows: List[Dict], splits: Optional[Splits]) -> None:
     for row in rows:
         m = row["micro_batches"]
-        if isinstance(m, int) and m in splits:
-            counts, costs = splits[m]
-            row["split_bound"] = one_thread_ms / (1e3 * ideal_step_s(costs, m)) / len(costs)
+        if splits is not None and isinstance(m, int) and m in splits.by_m:
+            counts, costs = splits.by_m[m]
+            row["split_bound"] = splits.whole_s / ideal_step_s(costs, m) / len(costs)
         else:
             row["split_bound"] = "-"
 
 
-def split_notes(splits: Dict[int, tuple]) -> str:
+def split_notes(splits: Optional[Splits]) -> str:
+    if splits is None:
+        return ""
     lines = [f"  m={m}: layers per stage {counts}, ms per micro-batch "
              + " / ".join(f"{1e3 * c:.2f}" for c in costs) + f", ideal step {1e3 * ideal_step_s(costs, m):.1f} ms"
-             for m, (counts, costs) in splits.items()]
-    return "split bound (stage costs measured in one process, one thread):\n" + "\n".join(lines) if lines else ""
+             for m, (counts, costs) in splits.by_m.items()]
+    return (f"split bound (forward+backward measured in one process, one thread; whole batch "
+            f"{1e3 * splits.whole_s:.1f} ms):\n" + "\n".join(lines))

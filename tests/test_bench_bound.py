@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from rpc_train.bench_bound import add_split_bounds, ideal_step_s, stage_costs
+from rpc_train.bench_bound import Splits, add_split_bounds, ideal_step_s, stage_costs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -16,10 +16,10 @@ def test_ideal_step_is_fill_and_drain_plus_the_slowest_stage():
     assert ideal_step_s([1.0, 3.0], 4) == 13.0
 
 
-def test_bound_divides_the_one_thread_step_by_k_ideal_steps():
+def test_bound_divides_the_whole_batch_by_k_ideal_steps():
     rows = [{"micro_batches": "-"}, {"micro_batches": 4}, {"micro_batches": 8}]
-    add_split_bounds(rows, {4: ([1, 1], [0.001, 0.001])}, one_thread_ms=8.0)
-    # Ideal step 5 ms on 2 stages against 8 ms on one thread; no split measured for m=8.
+    add_split_bounds(rows, Splits(whole_s=0.008, by_m={4: ([1, 1], [0.001, 0.001])}))
+    # Ideal step 5 ms on 2 stages against 8 ms for the whole batch; no split measured for m=8.
     assert [r["split_bound"] for r in rows] == ["-", pytest.approx(0.8), "-"]
 
 
