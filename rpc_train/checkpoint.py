@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -127,50 +127,46 @@ def _step_dirs(root: str) -> List[tuple]:
     return sorted(found, reverse=True)
 
 
-def complete_checkpoints(root: str) -> List[tuple]:
-    """(step, path) of the directories whose manifest was written, newest first."""
-    return [(step, path) for step, path in _step_dirs(root) if os.path.isfile(os.path.join(path, MANIFEST))]
+def _verified(directory: str) -> Tuple[Optional[Checkpoint], Optional[str]]:
+    """(the checkpoint, None) when every file checks out, else (None, why it cannot be trusted).
+
+    The manifest is read once, for the check and for the Checkpoint."""
+    try:
+        with open(os.path.join(directory, MANIFEST)) as f:
+            manifest = json.load(f)
+        files, step = manifest["files"], int(manifest["step"])
+        if manifest.get("format") != FORMAT:
+            return None, f"{MANIFEST} has format {manifest.get('format')}, this version reads {FORMAT}"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, f"{MANIFEST} is unreadable ({type(err).__name__}: {err})"
+    for name, digest in sorted(files.items()):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            return None, f"{name} is missing"
+        if sha256_of(path) != digest:
+            return None, f"{name} fails its sha256 check (truncated or corrupted)"
+    return Checkpoint(directory, step, manifest), None
 
 
 def damage(directory: str) -> Optional[str]:
     """Why the checkpoint in `directory` cannot be trusted, or None when every file checks out."""
-    try:
-        with open(os.path.join(directory, MANIFEST)) as f:
-            manifest = json.load(f)
-        files = manifest["files"]
-        if manifest.get("format") != FORMAT:
-            return f"{MANIFEST} has format {manifest.get('format')}, this version reads {FORMAT}"
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{MANIFEST} is unreadable ({type(err).__name__}: {err})"
-    for name, digest in sorted(files.items()):
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            return f"{name} is missing"
-        if sha256_of(path) != digest:
-            return f"{name} fails its sha256 check (truncated or corrupted)"
-    return None
-
-
-def open_checkpoint(directory: str) -> Checkpoint:
-    with open(os.path.join(directory, MANIFEST)) as f:
-        manifest = json.load(f)
-    return Checkpoint(directory, int(manifest["step"]), manifest)
+    return _verified(directory)[1]
 
 
 def newest_intact(root: str) -> Optional[Checkpoint]:
-    """The newest complete checkpoint whose files all check out, warning about each one skipped.
+    """The newest complete checkpoint whose files all check out, saying why each newer one was skipped.
 
     Raises ConfigError when checkpoints exist but all are damaged: starting over silently
     would prune them.
     """
+    damaged = []
     for step, path in _step_dirs(root):
         if not os.path.isfile(os.path.join(path, MANIFEST)):
             log.info("ignoring %s: no %s (a save that was interrupted)", path, MANIFEST)
-    damaged = []
-    for step, path in complete_checkpoints(root):
-        problem = damage(path)
-        if problem is None:
-            return open_checkpoint(path)
+            continue
+        found, problem = _verified(path)
+        if found is not None:
+            return found
         log.warning("checkpoint %s is damaged: %s; falling back to the one before it", path, problem)
         damaged.append(f"step_{step}: {problem}")
     if damaged:
@@ -188,10 +184,10 @@ def resolve_resume(resume: str, root: str) -> Optional[Checkpoint]:
         return newest_intact(root)
     path = os.path.expanduser(resume)
     if os.path.isfile(os.path.join(path, MANIFEST)):
-        problem = damage(path)
+        found, problem = _verified(path)
         if problem:
             raise ConfigError(f"checkpoint.resume={resume}: {problem}")
-        return open_checkpoint(path)
+        return found
     if os.path.isdir(checkpoints_root(path)):
         found = newest_intact(checkpoints_root(path))
         if found:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from conftest import compose_config
-from rpc_train.checkpoint import (MANIFEST, Checkpoint, atomic_write, begin, checkpoint_dir, complete_checkpoints,
+from rpc_train.checkpoint import (MANIFEST, Checkpoint, atomic_write, begin, checkpoint_dir,
                                   damage, newest_intact, prune, resolve_resume, save_file, sha256_of, write_manifest)
 from rpc_train.checkpointer import check_same_model, check_same_optimizer, model_tensors
 from rpc_train.data import make_loaders
@@ -51,7 +51,7 @@ def test_a_save_into_an_existing_checkpoint_first_invalidates_it(tmp_path):
     directory = fake_checkpoint(tmp_path, 5)
     begin(directory)  # as a re-save of step 5 starts
     assert not os.path.exists(os.path.join(directory, MANIFEST))
-    assert complete_checkpoints(str(tmp_path)) == []
+    assert newest_intact(str(tmp_path)) is None  # an interrupted save, not a damaged checkpoint
 
 
 @pytest.mark.parametrize("spoil, needle", [
