@@ -13,6 +13,7 @@ pipeline's stages implement them, and so do the parameter-server shards (ps/driv
 
 import logging
 import os
+from dataclasses import fields
 from typing import Dict, List, Optional
 
 import torch
@@ -87,8 +88,7 @@ class Checkpointer:
         self.engine.load_checkpoint(found.path, {n: r["file"] for n, r in found.manifest["tensors"].items()})
         state = load_file(os.path.join(found.path, TRAINER_FILE))
         torch.set_rng_state(state["rng"])
-        self.position = Position(step=state["step"], epoch=state["epoch"], batch=state["batch"],
-                                 loader_state=state["loader_state"], skipped=state["skipped"])
+        self.position = Position(**{f.name: state[f.name] for f in fields(Position)})
         if os.path.abspath(found.path) == os.path.abspath(checkpoint_dir(self.root, found.step)):
             self.saved_step = found.step  # ours already: the final save need not repeat it
         if self.logger is not None:
@@ -98,7 +98,13 @@ class Checkpointer:
         return self.position
 
     def __call__(self, step: int, result) -> None:
-        if self.conf.every_steps and step % self.conf.every_steps == 0:
+        self.save_if_due(step - 1, step)
+
+    def save_if_due(self, before: int, after: int) -> None:
+        """Save when training went past a multiple of checkpoint.every_steps, from step `before`
+        to step `after` (one step for the pipeline's Trainer, an epoch for the parameter server)."""
+        every = self.conf.every_steps
+        if every and after // every > before // every:
             self.save()
 
     def save(self) -> None:
@@ -109,9 +115,8 @@ class Checkpointer:
         directory = checkpoint_dir(self.root, position.step)
         begin(directory)
         records = self.engine.save_checkpoint(directory)
-        trainer_state = {"step": position.step, "epoch": position.epoch, "batch": position.batch,
-                         "skipped": position.skipped, "loader_state": position.loader_state,
-                         "rng": torch.get_rng_state()}
+        # Every field of the position, so a field added to Position is saved and restored too.
+        trainer_state = {**{f.name: getattr(position, f.name) for f in fields(Position)}, "rng": torch.get_rng_state()}
         files = {r["file"]: r["sha256"] for r in records}
         files[TRAINER_FILE] = save_file(os.path.join(directory, TRAINER_FILE), trainer_state)
         tensors = {name: {"file": r["file"], "shape": shape} for r in records for name, shape in r["tensors"].items()}

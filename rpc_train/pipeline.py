@@ -33,6 +33,7 @@ from rpc_train.builders import build_model
 from rpc_train.config import as_dict
 from rpc_train.devices import bind_cuda_context, driver_device, stage_device
 from rpc_train.partition import plan_stages, stage_bounds
+from rpc_train.remote import call_all, gather_state
 from rpc_train.runtime import worker_name
 from rpc_train.stage import StageWorker, forward_on_stage
 from rpc_train.timeline import bubble_fraction
@@ -118,11 +119,11 @@ class PipelineEngine:
             done = [report.result() for report in reports]
             loss = sum(d[1] for d in done)
             if not math.isfinite(loss):
-                torch.futures.wait_all([s.rpc_async().drop_stats() for s in self.stages])
+                call_all(self.stages, "drop_stats")
                 return StepResult(loss, 0, skipped=True)
             contexts = [d[0] for d in done]
             stepping = time.perf_counter()
-            per_stage = torch.futures.wait_all([s.rpc_async().step(contexts) for s in self.stages])
+            per_stage = call_all(self.stages, "step", contexts)
             step_ms = 1e3 * (time.perf_counter() - stepping)
         finally:
             release.set()  # the contexts may close now: the stages have read their gradients
@@ -170,24 +171,21 @@ class PipelineEngine:
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """The whole model's state, named as in the `models/` class, gathered from the stages."""
-        state = {}
-        for part in torch.futures.wait_all([s.rpc_async().state_dict() for s in self.stages]):
-            state.update(part)
-        return state
+        return gather_state(self.stages)
 
     def close(self) -> None:
         """Free the micro-batch threads and the stages (for a process that builds engines anew)."""
         self._pool.shutdown(wait=True)
-        torch.futures.wait_all([s.rpc_async().release() for s in self.stages])
+        call_all(self.stages, "release")
 
     # Checkpoints (rpc_train/checkpointer.py): every stage reads and writes its own share.
     def save_checkpoint(self, directory: str) -> List[dict]:
         """Each stage writes its file into `directory`, all at once; their manifest records."""
-        return torch.futures.wait_all([s.rpc_async().save_checkpoint(directory) for s in self.stages])
+        return call_all(self.stages, "save_checkpoint", directory)
 
     def load_checkpoint(self, directory: str, index: Dict[str, str]) -> None:
         """Each stage loads the tensors it owns, by name, from whichever files hold them."""
-        torch.futures.wait_all([s.rpc_async().load_checkpoint(directory, index) for s in self.stages])
+        call_all(self.stages, "load_checkpoint", directory, index)
 
     def layout(self) -> Dict[str, Any]:
         return {"stages": len(self.stages), "layers_per_stage": list(self.counts), "workers": self.workers}

@@ -64,6 +64,18 @@ def evaluate(engine, val_loader: DataLoader) -> Dict[str, float]:
     return {"val/loss": loss / count, "val/accuracy": correct / count}
 
 
+def validate_and_log(engine, val_loader: DataLoader, logger: Optional[RunLogger], final: Dict[str, float],
+                     epoch: int, step: int) -> None:
+    """Evaluate at an epoch's end, say so, log it (flushed), and record it in `final`."""
+    scalars = evaluate(engine, val_loader)
+    log.info("epoch %d step %d: val loss %.4f, val accuracy %.4f",
+             epoch, step, scalars["val/loss"], scalars["val/accuracy"])
+    if logger:
+        logger.scalars(step, scalars)
+        logger.flush()
+    final.update(scalars)
+
+
 @dataclass
 class Position:
     """Where training stands: what a checkpoint records so a resumed run sees the same batches."""
@@ -126,7 +138,7 @@ class Trainer:
                         self._log(scalars)
                         self.final.update(scalars)
                         window.reset()
-                self._validate(epoch)
+                validate_and_log(self.engine, self.val_loader, self.logger, self.final, epoch, self.step)
                 if self.step >= total:
                     break
         self.final["time/total_s"] = time.perf_counter() - started
@@ -148,10 +160,10 @@ class Trainer:
 
     def _applied(self, result) -> bool:
         """False for a step skipped for its non-finite loss; raises unless such steps may be skipped."""
-        if math.isfinite(result.loss) and not getattr(result, "skipped", False):
+        if math.isfinite(result.loss) and not result.skipped:
             return True
         at = self.step + 1
-        if not getattr(result, "skipped", False):  # an engine that stepped anyway: nothing to keep
+        if not result.skipped:  # an engine that stepped anyway: nothing to keep
             raise RunFailure(f"non-finite loss ({result.loss}) at step {at}, already applied by the optimizers; "
                              "lower optim.lr")
         if not self.cfg.skip_nonfinite:
@@ -161,15 +173,6 @@ class Trainer:
         self.position.skipped += 1
         log.warning("non-finite loss (%s) at step %d: skipped (trainer.skip_nonfinite=true)", result.loss, at)
         return False
-
-    def _validate(self, epoch: int) -> None:
-        scalars = evaluate(self.engine, self.val_loader)
-        log.info("epoch %d step %d: val loss %.4f, val accuracy %.4f",
-                 epoch, self.step, scalars["val/loss"], scalars["val/accuracy"])
-        self._log(scalars)
-        self.final.update(scalars)
-        if self.logger:
-            self.logger.flush()
 
     def _log(self, scalars: Dict[str, float]) -> None:
         if self.logger:

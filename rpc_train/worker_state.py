@@ -70,10 +70,11 @@ def save_worker_state(directory: str, filename: str, tensors: Dict[str, torch.Te
 
 
 def load_worker_state(directory: str, index: Dict[str, str], tensor_names: Iterable[str],
-                      optimizer: torch.optim.Optimizer, param_names: Sequence[str],
+                      optimizer: Optional[torch.optim.Optimizer], param_names: Sequence[str],
                       scheduler: Optional[Any], owner: Any) -> Dict[str, torch.Tensor]:
     """Set the optimizer, scheduler (and, same owner only, RNG) state from the files holding
-    `tensor_names`; returns those tensors by name for the caller to load into its module."""
+    `tensor_names`; returns those tensors by name for the caller to load into its module.
+    `optimizer` is None exactly when `param_names` is empty (a stage of parameter-free layers)."""
     wanted = list(tensor_names)
     missing = [name for name in wanted if name not in index]
     if missing:

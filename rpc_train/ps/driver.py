@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List
 
-import torch
 import torch.distributed.rpc as rpc
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -27,8 +26,9 @@ from rpc_train.ps.progress import ProgressMonitor
 from rpc_train.ps.server import ParameterServer
 from rpc_train.ps.sharding import shard_by_size, tensor_sizes
 from rpc_train.ps.worker import TrainerWorker
+from rpc_train.remote import call_all, gather_state
 from rpc_train.roles import ParameterServerRoles, ps_roles
-from rpc_train.trainer import evaluate
+from rpc_train.trainer import validate_and_log
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,7 @@ def plan_steps(cfg: DictConfig, train_size: int, trainers: int) -> tuple:
 
 
 def reset_server_clocks(servers: list) -> None:
-    torch.futures.wait_all([s.rpc_async().pop_stats() for s in servers])
-
-
-def gather_state(servers: list) -> Dict[str, torch.Tensor]:
-    """The whole model's state, named as in the `models/` class, from every server's shard."""
-    state: Dict[str, torch.Tensor] = {}
-    for part in torch.futures.wait_all([s.rpc_async().state_dict() for s in servers]):
-        state.update(part)
-    return state
+    call_all(servers, "pop_stats")
 
 
 @dataclass
@@ -103,7 +95,7 @@ def start_job(cfg: DictConfig, world_size: int) -> ParameterServerJob:
     # before every server exists: a call through an RRef waits for its object, a plain one not.
     reset_server_clocks(servers)
     trainers = build_trainers(cfg, roles, shards, total)
-    torch.futures.wait_all([t.rpc_async().steps_per_epoch() for t in trainers])
+    call_all(trainers, "steps_per_epoch")
     reset_server_clocks(servers)  # updates/s counts from the first step, not from start-up
     log.info("parameter server (%s): %d server(s) on %s holding %s tensors, %d trainer(s) on %s",
              "sync" if cfg.ps.sync else f"async, max staleness {cfg.ps.max_staleness}",
@@ -119,10 +111,10 @@ class ServerCheckpoints:
         self.job = job
 
     def save_checkpoint(self, directory: str) -> list:
-        return torch.futures.wait_all([s.rpc_async(timeout=0).save_checkpoint(directory) for s in self.job.servers])
+        return call_all(self.job.servers, "save_checkpoint", directory, timeout=0)
 
     def load_checkpoint(self, directory: str, index: Dict[str, str]) -> None:
-        torch.futures.wait_all([s.rpc_async(timeout=0).load_checkpoint(directory, index) for s in self.job.servers])
+        call_all(self.job.servers, "load_checkpoint", directory, index, timeout=0)
 
     def layout(self) -> dict:
         return {"servers": len(self.job.servers), "trainers": len(self.job.trainers)}
@@ -135,8 +127,7 @@ def fit_parameter_server(cfg: DictConfig, world_size: int, logger: RunLogger):
     checkpoints = Checkpointer(cfg, logger.log_dir, ServerCheckpoints(job), logger)
     start = checkpoints.resume()
     if start.step:  # the servers hold the checkpoint's state now: trainers re-fetch it
-        torch.futures.wait_all([t.rpc_async().resume(start.step, start.loader_state, start.batch)
-                                for t in job.trainers])
+        call_all(job.trainers, "resume", start.step, start.loader_state, start.batch)
     monitor = ProgressMonitor(logger, job.roles.trainers, job.servers, cfg.ps.sync,
                               cfg.runtime.rpc_timeout_s, job.total, cfg.trainer.progress)
     monitor.start_at(start.step)
@@ -162,7 +153,7 @@ def run_epochs(cfg: DictConfig, job: ParameterServerJob, monitor: ProgressMonito
     an epoch in which the step count reached a multiple of checkpoint.every_steps (the
     checkpointer saves the end of training too, possibly in the middle of an epoch).
     """
-    position, every = checkpoints.position, cfg.checkpoint.every_steps
+    position = checkpoints.position
     done = position.step
     for epoch in range(position.epoch, cfg.trainer.epochs):
         skip = position.batch if epoch == position.epoch else 0
@@ -179,15 +170,9 @@ def run_epochs(cfg: DictConfig, job: ParameterServerJob, monitor: ProgressMonito
         position.step, position.loader_state = done, state
         position.epoch, position.batch = (epoch + 1, 0) if complete else (epoch, skip + steps)
         _validate(job, logger, monitor.final, epoch, done)
-        if every and done // every > before // every:
-            checkpoints.save()
+        checkpoints.save_if_due(before, done)
 
 
 def _validate(job: ParameterServerJob, logger: RunLogger, final: Dict[str, float], epoch: int, step: int) -> None:
     job.reference.model.load_state_dict(gather_state(job.servers))
-    scalars = evaluate(job.reference, job.val_loader)
-    log.info("epoch %d step %d: val loss %.4f, val accuracy %.4f",
-             epoch, step, scalars["val/loss"], scalars["val/accuracy"])
-    logger.scalars(step, scalars)
-    logger.flush()
-    final.update(scalars)
+    validate_and_log(job.reference, job.val_loader, logger, final, epoch, step)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from rpc_train.errors import RunFailure
 from rpc_train.metrics import RunLogger
+from rpc_train.remote import call_all
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,11 @@ def record_report(report: TrainerReport) -> None:
     _EVENTS.put(("report", report.trainer, report))
 
 
+def staleness_of(reports: List[TrainerReport]) -> List[int]:
+    """The staleness of every gradient the servers applied in these windows."""
+    return [s for r in reports for s in r.staleness]
+
+
 def combine(reports: List[TrainerReport]) -> Dict[str, float]:
     """One logged point from the trainers' windows ending at the same step."""
     steps, samples = sum(r.steps for r in reports), sum(r.samples for r in reports)
@@ -74,7 +80,7 @@ def combine(reports: List[TrainerReport]) -> Dict[str, float]:
         "lr": reports[0].lr,
         "ps/stale_refreshes": float(sum(r.refreshes for r in reports)),
     }
-    staleness = [s for r in reports for s in r.staleness]
+    staleness = staleness_of(reports)
     if staleness:
         scalars["ps/staleness_mean"] = sum(staleness) / len(staleness)
         scalars["ps/staleness_max"] = float(max(staleness))
@@ -199,10 +205,10 @@ class ProgressMonitor:
 
     def _log_step(self, step: int, reports: List[TrainerReport]) -> None:
         scalars = combine(reports)
-        staleness = [s for r in reports for s in r.staleness]
+        staleness = staleness_of(reports)
         if staleness:
             self.logger.writer.add_histogram("ps/staleness", torch.tensor(staleness), step)
-        stats = torch.futures.wait_all([s.rpc_async().pop_stats() for s in self.servers])
+        stats = call_all(self.servers, "pop_stats")
         for j, server_stats in enumerate(stats):
             scalars[f"server{j}/updates_per_s"] = server_stats["updates_per_s"]
         self.logger.scalars(step, scalars)

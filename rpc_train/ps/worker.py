@@ -72,17 +72,20 @@ class TrainerWorker:
 
     def steps_per_epoch(self) -> int:
         """Also the readiness check: it answers once the data and model are loaded."""
-        for shard in self.shards:  # start from the servers' state, whatever it is
+        self._fetch_shards()  # start from the servers' state, whatever it is
+        return len(self.loader)
+
+    def _fetch_shards(self) -> None:
+        for shard in self.shards:
             version, state = rpc.rpc_sync(shard.worker, fetch_shard, args=(shard.server_id,))
             self._load(shard, version, state)
-        return len(self.loader)
 
     def resume(self, step: int, loader_state: torch.Tensor, batch: int) -> None:
         """Go on from a checkpoint: `step` steps done, the next epoch's loader starts from
         `loader_state` (its generator state at that epoch's start) and skips `batch` batches.
         Re-fetches the shards, which the driver has just loaded."""
         self.step, self._resume_at = step, (loader_state, batch)
-        self.steps_per_epoch()
+        self._fetch_shards()
 
     def loader_state(self, at_epoch_start: bool) -> torch.Tensor:
         """The data order's position: at the start of the last epoch run, or now (after it)."""
