@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from rpc_train.allocator import configure_allocator
-from rpc_train.bench_bound import add_split_bounds, measure_splits, split_notes
+from rpc_train.bench_bound import add_split_bounds, measure_splits, plan_splits, split_notes
 from rpc_train.bench_peer import peer_medians
 from rpc_train.bench_world import run_in_local_world
 from rpc_train.config import register_configs
@@ -126,12 +126,12 @@ def baseline_rows(cfg: DictConfig, batches: list, warmup: int, steps: int) -> Li
 
 
 def pipeline_rows(world: World, cfg: DictConfig, runs: List[tuple], warmup: int, steps: int) -> List[Dict]:
-    """On the driver: a fresh PipelineEngine per (schedule, micro-batches), on the same workers."""
+    """On the driver: a fresh PipelineEngine per (schedule, micro-batches, split), on the same workers."""
     batches = draw_batches(cfg, warmup + steps)
     k = world.size - 1
     rows, where = [], f"{k}x1 thread" + (" on cuda" if cfg.device == "cuda" else "")
-    for schedule, m in runs:
-        cfg.pipeline.schedule, cfg.pipeline.micro_batches = schedule, m
+    for schedule, m, counts in runs:
+        cfg.pipeline.schedule, cfg.pipeline.micro_batches, cfg.pipeline.balance = schedule, m, counts
         engine = PipelineEngine(cfg, world.size)
         engine.wait_ready()
         seconds, results = time_steps(engine, batches, warmup, steps)
@@ -151,11 +151,11 @@ def peer_rows(cfg: DictConfig, runs: List[tuple], batches: list, k: int, warmup:
 
     Its schedules need at least K micro-batches, so smaller counts have no peer row.
     """
-    runs = [(schedule, m) for schedule, m in runs if m >= k]
+    runs = [run for run in runs if run[1] >= k]
     medians = peer_medians(cfg, k, runs, batches, steps, warmup, timeout) if runs else {}
     return [{"setup": f"torch pipelining {schedule} K={k}", "micro_batches": m,
              "threads_processes": f"{k} proc x1 thread", "median_step_ms": 1e3 * medians[(schedule, m)]}
-            for schedule, m in runs]
+            for schedule, m, _ in runs]
 
 
 def add_ratios(rows: List[Dict], batch: int, k: int, devices: int) -> List[tuple]:
@@ -237,9 +237,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(1)  # the parent only waits while the world runs
     on_gpu = cfg.device == "cuda"
     devices = torch.cuda.device_count() if on_gpu else usable_cores()
+    plans = plan_splits(cfg, args.stages, args.micro_batches)
     # Stages that share a device do not overlap, and there is no bound of this shape for them.
-    splits = measure_splits(cfg, args.stages, args.micro_batches) if devices >= args.stages and not on_gpu else None
-    runs = [(schedule, m) for schedule in args.schedules for m in args.micro_batches]
+    splits = measure_splits(cfg, plans) if devices >= args.stages and not on_gpu else None
+    runs = [(schedule, m, plans[m]) for schedule in args.schedules for m in args.micro_batches]
     rows += run_in_local_world(cfg, args.stages + 1, pipeline_rows, (runs, args.warmup, args.steps), args.timeout)
     if not args.no_peer and not on_gpu:
         rows += peer_rows(cfg, runs, batches, args.stages, args.warmup, args.steps, args.timeout)

@@ -23,6 +23,7 @@ from torch import nn
 
 from rpc_train.builders import build_model
 from rpc_train.config import as_dict
+from rpc_train.devices import stage_device
 from rpc_train.partition import plan_stages, stage_bounds
 
 
@@ -57,18 +58,27 @@ class Splits:
     by_m: Dict[int, tuple]  # micro-batches -> (layer counts per stage, stage costs per micro-batch)
 
 
-def measure_splits(cfg: DictConfig, k: int, micro_batches: Sequence[int], repeats: int = 10) -> Splits:
-    """The stages' costs for each micro-batch count, split as the engine splits them
-    (`pipeline.balance`), and the whole batch through the whole model, measured back to back:
-    the bound is their ratio, so a machine that is slower for a while slows both alike."""
+def plan_splits(cfg: DictConfig, k: int, micro_batches: Sequence[int]) -> Dict[int, List[int]]:
+    """Layer counts per stage for each micro-batch count, as the engine would plan them
+    (`pipeline.balance`). Planned once here and given to every row (rpc_train's and the peer's)
+    and to the bound: timing-based plans differ from run to run where costs nearly tie
+    (ResNet-50), and the peer's ranks must agree on one split."""
+    layers = list(build_model(as_dict(cfg.model), cfg.seed))
+    device = stage_device(cfg.device, 0)
+    return {m: plan_stages(layers, k, cfg.pipeline.balance,
+                           torch.randn(max(1, cfg.trainer.batch_size // m), *cfg.data.shape, device=device))
+            for m in micro_batches}
+
+
+def measure_splits(cfg: DictConfig, plans: Dict[int, List[int]], repeats: int = 10) -> Splits:
+    """The stages' costs on each planned split, and the whole batch through the whole model,
+    measured back to back: the bound is their ratio, so a machine that is slower for a while
+    slows both alike."""
     layers = list(build_model(as_dict(cfg.model), cfg.seed))
     batch = torch.randn(cfg.trainer.batch_size, *cfg.data.shape)
     whole_s = stage_costs(layers, [len(layers)], batch, repeats)[0]
-    by_m = {}
-    for m in micro_batches:
-        sample = batch[:max(1, cfg.trainer.batch_size // m)]
-        counts = plan_stages(layers, k, cfg.pipeline.balance, sample)
-        by_m[m] = (counts, stage_costs(layers, counts, sample, repeats))
+    by_m = {m: (counts, stage_costs(layers, counts, batch[:max(1, cfg.trainer.batch_size // m)], repeats))
+            for m, counts in plans.items()}
     return Splits(whole_s, by_m)
 
 

@@ -1,7 +1,7 @@
 """The peer for the pipeline benchmark: `torch.distributed.pipelining` on the same split.
 
 K processes over gloo, one per stage (the peer has no driver process), each stage the same
-contiguous layers that rpc_train's partitioner gives it, stepped by ScheduleGPipe or
+contiguous layers as in rpc_train's rows (the split the bench planned), stepped by ScheduleGPipe or
 Schedule1F1B, then a local optimizer step per stage. Rows match `rpc_train.bench`'s.
 """
 
@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from rpc_train.allocator import configure_allocator
 from rpc_train.bench_world import free_port
 from rpc_train.builders import build_model, build_optimizer
-from rpc_train.partition import plan_stages, stage_bounds
+from rpc_train.partition import stage_bounds
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -62,12 +62,9 @@ def _stage_main(rank: int, k: int, port: int, container: dict, runs: list, batch
         configure_allocator(cfg.runtime)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=k)
         layers = list(build_model(container["model"], cfg.seed))
-        micro = max(1, cfg.trainer.batch_size // max(m for _, m in runs))
-        counts = plan_stages(layers, k, cfg.pipeline.balance, torch.randn(micro, *cfg.data.shape))
-        bounds = stage_bounds(counts)[rank]
-        module = torch.nn.Sequential(*[layers[i] for i in bounds])
-        optimizer, _ = build_optimizer(module.parameters(), container["optim"], None)
-        for name, m in runs:
+        for name, m, counts in runs:  # the split the bench planned: every rank the same one
+            module = torch.nn.Sequential(*[layers[i] for i in stage_bounds(counts)[rank]])
+            optimizer, _ = build_optimizer(module.parameters(), container["optim"], None)
             stage = PipelineStage(module, rank, k, torch.device("cpu"))
             times = _timed_steps(_schedule(stage, name, m), optimizer, rank, k, batches, steps, warmup)
             if rank == 0:
@@ -80,7 +77,8 @@ def _stage_main(rank: int, k: int, port: int, container: dict, runs: list, batch
 
 def peer_medians(cfg: DictConfig, k: int, runs: List[tuple], batches, steps: int, warmup: int,
                  timeout_s: float = 1800.0) -> Dict[tuple, float]:
-    """Median step seconds of torch.distributed.pipelining for each (schedule, micro-batches)."""
+    """Median step seconds of torch.distributed.pipelining for each run (schedule, micro-batches,
+    layer counts per stage), by (schedule, micro-batches)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port, container = free_port(), OmegaConf.to_container(cfg, resolve=True)

@@ -40,3 +40,14 @@ def test_stage_costs_run_each_stage_as_the_pipeline_does():
     assert len(costs) == 2 and all(c > 0 for c in costs)
     # Stage 0 gets data that needs no gradient; stage 1 gets an activation that does.
     assert first.seen == {False} and second.seen == {True}
+
+
+def test_one_split_is_planned_per_micro_batch_count():
+    from conftest import compose_config
+    from rpc_train.bench_bound import plan_splits
+
+    cfg = compose_config(["model=convnet", "data=synthetic", "pipeline.balance=[2,4]"])
+    assert plan_splits(cfg, 2, [1, 4]) == {1: [2, 4], 4: [2, 4]}
+    cfg = compose_config(["model=convnet", "data=synthetic", "trainer.batch_size=8"])
+    plans = plan_splits(cfg, 2, [2, 8])
+    assert set(plans) == {2, 8} and all(sum(c) == 6 and len(c) == 2 for c in plans.values())
