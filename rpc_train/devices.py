@@ -52,11 +52,13 @@ def bind_cuda_context(device: torch.device) -> None:
     """Make the GPU's primary context current on this thread, once per thread.
 
     RPC and micro-batch threads start without one, and cuBLAS then warns ("no current CUDA
-    context") on a stage's first matmul; a runtime call such as this synchronize binds it.
-    Stage work gets it through `on_device_stream`; the driver's threads call it directly.
+    context") on a stage's first matmul; any CUDA runtime call binds it. A stream query is one
+    that never waits: RPC threads first show up mid-run, and a synchronize there would stall
+    the host until the GPU had drained. Stage work gets it through `on_device_stream`; the
+    driver's threads call it directly.
     """
     if device.type == "cuda" and getattr(_thread, "bound", None) != device:
-        torch.cuda.synchronize(device)
+        torch.cuda.default_stream(device).query()
         _thread.bound = device
 
 
