@@ -136,7 +136,7 @@ def pipeline_rows(world: World, cfg: DictConfig, runs: List[tuple], warmup: int,
         engine.wait_ready()
         seconds, results = time_steps(engine, batches, warmup, steps)
         stage_ms = {key: statistics.median(r.stats[key] for r in results)
-                    for key in results[0].stats if key.startswith("stage")}
+                    for key in results[0].stats if key.startswith(("stage", "pipeline/"))}
         rows.append({"setup": f"rpc_train {schedule} K={k}", "micro_batches": m,
                      "threads_processes": f"{world.size} proc: driver + {where}",
                      "median_step_ms": 1e3 * statistics.median(seconds), "stage_ms": stage_ms,
@@ -205,16 +205,19 @@ def format_table(rows: List[Dict], columns: List[str], headers: List[str]) -> st
 
 
 def stage_notes(rows: List[Dict]) -> str:
-    """Per-stage compute per step (median ms, from the stages' own clocks) and page faults: where
-    the time went."""
+    """Per-stage compute per step (median ms, from the stages' own clocks), page faults, the
+    optimizer-step RPC and the bubble: where the time went."""
     notes = []
     for row in rows:
         if "stage_ms" in row:
-            ms, stages = row["stage_ms"], sorted({key.split("/")[0] for key in row["stage_ms"]})
+            ms = row["stage_ms"]
+            stages = sorted({key.split("/")[0] for key in ms if key.startswith("stage")})
             parts = ", ".join(f"{s} fwd {ms[s + '/forward_ms']:.1f} bwd {ms[s + '/backward_ms']:.1f}"
                               f" faults {ms[s + '/page_faults']:.0f}" for s in stages)
-            notes.append(f"  {row['setup']} m={row['micro_batches']} (layers {row['counts']}): {parts}")
-    return "stage compute per step, ms, and page faults per step:\n" + "\n".join(notes) if notes else ""
+            notes.append(f"  {row['setup']} m={row['micro_batches']} (layers {row['counts']}): {parts}; "
+                         f"step {ms['pipeline/step_ms']:.1f}, bubble {ms['pipeline/bubble_fraction']:.2f}")
+    return ("per step (medians): stage compute ms, page faults, the stages' optimizer step ms "
+            "(gradient sums included), bubble fraction:\n" + "\n".join(notes)) if notes else ""
 
 
 def write_csv(path: str, rows: List[Dict], columns: List[str]) -> None:
