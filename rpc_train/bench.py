@@ -27,7 +27,7 @@ from rpc_train.bench_peer import peer_medians
 from rpc_train.bench_world import run_in_local_world
 from rpc_train.config import register_configs
 from rpc_train.data import make_loaders
-from rpc_train.devices import check_device
+from rpc_train.devices import check_device, mps_running
 from rpc_train.errors import ConfigError
 from rpc_train.local import LocalEngine
 from rpc_train.pipeline import PipelineEngine
@@ -186,7 +186,8 @@ def machine_line() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    gpus = f", {torch.cuda.device_count()}x {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    gpus = (f", {torch.cuda.device_count()}x {torch.cuda.get_device_name()} (MPS {'on' if mps_running() else 'off'})"
+            if torch.cuda.is_available() else "")
     return f"machine: {usable_cores()} usable cores, {cpu}{gpus}, torch {torch.__version__}"
 
 

@@ -1,8 +1,9 @@
 """Where each stage runs, and the TensorPipe device maps that let activations go GPU to GPU."""
 
+import os
 import threading
 from contextlib import nullcontext
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -23,6 +24,28 @@ def stage_device(device: str, stage: int) -> str:
     if device == "cpu":
         return "cpu"
     return f"cuda:{stage % torch.cuda.device_count()}"
+
+
+def mps_running() -> bool:
+    """Whether an NVIDIA MPS control daemon is up: `nvidia-cuda-mps-control -d` leaves a
+    `control` pipe in CUDA_MPS_PIPE_DIRECTORY (default /tmp/nvidia-mps), and CUDA clients
+    started afterwards share one GPU context through it."""
+    return os.path.exists(os.path.join(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"), "control"))
+
+
+def shared_gpu_note(device: str, num_stages: int, gpus: int, mps: bool) -> Optional[str]:
+    """What to tell a user whose stage processes share a GPU without MPS, else None.
+
+    Without MPS each process has its own context and the GPU time-slices between them: every
+    cross-process hand-off (activations through CUDA IPC, events waited on by another
+    process) then waits for a time slice. On one H200 that made ResNet-50's step 2-3x the
+    single-GPU step; with MPS the same pipeline ran at 0.8-1.3x (README, "On a GPU").
+    """
+    if device != "cuda" or mps or num_stages <= gpus:
+        return None
+    return (f"{num_stages} stages share {gpus} GPU(s) in separate processes without NVIDIA MPS, so the GPU "
+            "time-slices between them (2-3x slower steps in the README's benchmark); start MPS first with "
+            "`nvidia-cuda-mps-control -d` (README, 'CPU and GPU')")
 
 
 def driver_device(device: str) -> str:

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from rpc_train.builders import build_model
 from rpc_train.config import as_dict
-from rpc_train.devices import bind_cuda_context, driver_device, stage_device
+from rpc_train.devices import bind_cuda_context, driver_device, mps_running, shared_gpu_note, stage_device
 from rpc_train.partition import plan_stages, stage_bounds
 from rpc_train.remote import call_all, gather_state
 from rpc_train.runtime import worker_name
@@ -92,6 +92,9 @@ class PipelineEngine:
         self._seq = 0
         log.info("pipeline: %d stages on %s, layers per stage %s, %d micro-batches, %s schedule",
                  k, ", ".join(self.workers), self.counts, self.micro_batches, cfg.pipeline.schedule)
+        note = shared_gpu_note(cfg.device, k, torch.cuda.device_count(), mps_running())
+        if note:
+            log.warning(note)
 
     def wait_ready(self) -> None:
         torch.futures.wait_all(self._connected)
