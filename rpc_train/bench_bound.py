@@ -24,24 +24,22 @@ from torch import nn
 from rpc_train.builders import build_model
 from rpc_train.config import as_dict
 from rpc_train.devices import stage_device
-from rpc_train.partition import plan_stages, stage_bounds
+from rpc_train.partition import plan_stages, run_as_stage, stage_bounds
 
 
 def stage_costs(layers: Sequence[nn.Module], counts: Sequence[int], sample: torch.Tensor,
                 repeats: int, budget_s: float = 5.0) -> List[float]:
-    """Fastest forward+backward seconds of each stage on one micro-batch, as a stage runs it:
-    no input gradient on stage 0, a materialised gradient from the next stage. The fastest,
-    not the median: it is a bound, and other load on the machine only ever adds time."""
+    """Fastest forward+backward seconds of each stage on one micro-batch, as a stage runs it
+    (`partition.run_as_stage`). The fastest, not the median: it is a bound, and other load on
+    the machine only ever adds time."""
     costs, x = [], sample
     for k, bounds in enumerate(stage_bounds(counts)):
         stage = nn.Sequential(*[layers[i] for i in bounds])
         timings, out = [], None
         # Two warm-up runs, then `repeats`, or fewer for a slow stage (ResNet-50: seconds each).
         while len(timings) < 2 + repeats and (len(timings) < 4 or sum(timings) < budget_s):
-            inp = x.detach().requires_grad_(k > 0)
             start = time.perf_counter()
-            out = stage(inp)
-            out.backward(torch.ones_like(out))
+            out = run_as_stage(stage, x, first=k == 0)
             timings.append(time.perf_counter() - start)
         costs.append(min(timings[2:]))
         x = out.detach()

@@ -52,6 +52,20 @@ def param_costs(layers: Sequence[nn.Module]) -> List[float]:
     return [sum(p.numel() for p in layer.parameters()) + 1.0 for layer in layers]
 
 
+def run_as_stage(piece: nn.Module, x: torch.Tensor, first: bool) -> torch.Tensor:
+    """One forward and backward of `piece` on `x` as a pipeline stage runs it; the output.
+
+    The data needs no gradient, so the first piece's backward computes none for its input
+    (nor does stage 0's): a conv's input gradient costs as much as its weights'. The output
+    gets a materialised gradient, as the next stage sends: sum()'s expanded one takes slower
+    (strided) backward kernels in pooling and batch norm.
+    """
+    out = piece(x.detach().requires_grad_(not first and x.is_floating_point()))
+    if out.requires_grad:  # not so for a first piece without parameters
+        out.backward(torch.ones_like(out))
+    return out
+
+
 def time_costs(layers: Sequence[nn.Module], sample: torch.Tensor, repeats: int = 3) -> List[float]:
     """Median forward+backward seconds of each layer on `sample`, measured in this process.
 
@@ -65,16 +79,9 @@ def time_costs(layers: Sequence[nn.Module], sample: torch.Tensor, repeats: int =
         layer = copy.deepcopy(layer).to(device) if device.type != "cpu" else layer
         timings, out = [], None
         for _ in range(repeats):
-            # The data needs no gradient, so the first layer's backward computes none for its
-            # input (nor does stage 0's): a conv's input gradient costs as much as its weights'.
-            inp = x.detach().requires_grad_(i > 0 and x.is_floating_point())
             sync()
             start = time.perf_counter()
-            out = layer(inp)
-            if out.requires_grad:  # not so for a first layer without parameters
-                # A materialised gradient, as the next stage sends: sum()'s expanded one takes
-                # slower (strided) backward kernels in pooling and batch norm.
-                out.backward(torch.ones_like(out))
+            out = run_as_stage(layer, x, first=i == 0)
             sync()
             timings.append(time.perf_counter() - start)
         costs.append(sorted(timings)[len(timings) // 2])
