@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from probes import InputProbe
 from rpc_train.errors import ConfigError
 from rpc_train.partition import balance_costs, param_costs, plan_stages, stage_bounds, time_costs
 
@@ -49,18 +50,6 @@ def test_time_balance_measures_the_slow_layer():
     costs = time_costs(layers, torch.randn(64, 64))
     assert costs[2] == max(costs)
     assert len(plan_stages(layers, 2, "time", torch.randn(64, 64))) == 2
-
-
-class InputProbe(nn.Module):
-    """Records whether each input it sees asks for a gradient."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def forward(self, x):
-        self.seen.append(x.requires_grad)
-        return x
 
 
 def test_time_costs_times_backward_as_the_stages_run_it():
