@@ -5,6 +5,7 @@ No timing assertions: speed depends on the machine and its load; only the shape 
 
 import csv
 import os
+import re
 import subprocess
 import sys
 
@@ -37,3 +38,5 @@ def test_bench_runs_and_writes_every_row(tmp_path):
     assert all(0 < float(r["split_bound"]) for r in piped)
     assert all(r["split_bound"] == "-" for r in rows if r["micro_batches"] == "-")
     assert "samples/s" in done.stdout
+    # Each rpc_train row's notes: stage compute, the optimizer-step RPC and the bubble.
+    assert len(re.findall(r"^  rpc_train .*; step [\d.]+, bubble [\d.]+$", done.stdout, re.M)) == 4
