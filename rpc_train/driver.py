@@ -8,15 +8,15 @@ from typing import Callable, Dict, Tuple
 import torch
 from omegaconf import DictConfig
 
-from rpc_train.checkpointer import Checkpointer
-from rpc_train.data import make_loaders
-from rpc_train.devices import check_device
-from rpc_train.liveness import WorkerWatch
-from rpc_train.metrics import RunLogger, flat_hparams
-from rpc_train.pipeline import PipelineEngine
-from rpc_train.runtime import worker_name
-from rpc_train.timeline import TimelineLogger
-from rpc_train.trainer import Trainer
+from rpc_train.checkpoint.manager import Checkpointer
+from rpc_train.data.datasets import make_loaders
+from rpc_train.runtime.devices import check_device
+from rpc_train.runtime.liveness import WorkerWatch
+from rpc_train.metrics.tensorboard import RunLogger, flat_hparams
+from rpc_train.pipeline.engine import PipelineEngine
+from rpc_train.runtime.session import worker_name
+from rpc_train.pipeline.timeline import TimelineLogger
+from rpc_train.training.loop import Trainer
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from rpc_train.config import register_configs
+from rpc_train.config.schema import register_configs
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from rpc_train.config import register_configs
-from rpc_train.errors import ConfigError, RunFailure
-from rpc_train.validate import validate
+from rpc_train.config.schema import register_configs
+from rpc_train.config.errors import ConfigError, RunFailure
+from rpc_train.config.validate import validate
 
 register_configs()
 
@@ -23,8 +23,8 @@ def train(cfg: DictConfig) -> Optional[dict]:
     """Run one job on this rank; the driver returns the final metrics, workers None."""
     # Imported here so `--help` and `--cfg job` answer without loading torch.
     from rpc_train.driver import drive
-    from rpc_train.roles import stage_device_maps
-    from rpc_train.runtime import World, configure_process, rpc_session
+    from rpc_train.runtime.roles import stage_device_maps
+    from rpc_train.runtime.session import World, configure_process, rpc_session
 
     world = World.from_env()
     validate(cfg, world.size)

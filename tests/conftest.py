@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 import pytest
 from hydra import compose, initialize_config_dir
 
-from rpc_train.config import register_configs
+from rpc_train.config.schema import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # tests/dataset_writers.py and friends

@@ -1,7 +1,7 @@
 """Tiny datasets written in the real on-disk formats torchvision reads, for tests.
 
 Loading these through the real torchvision classes tests our layout and label handling
-without a download. MNIST-family files load through `rpc_train.data.load_datasets` as they
+without a download. MNIST-family files load through `rpc_train.data.datasets.load_datasets` as they
 are. CIFAR-10 files cannot: torchvision checks each file's md5 against the official 170 MB
 release, so `tiny_cifar10_class` gives a subclass that expects the tiny files' md5s instead.
 """
@@ -13,7 +13,7 @@ import struct
 
 import numpy as np
 
-from rpc_train.dataset_files import CIFAR10_FILES, CIFAR10_FOLDER, MNIST_FILES
+from rpc_train.data.files import CIFAR10_FILES, CIFAR10_FOLDER, MNIST_FILES
 
 # IDX magic: two zero bytes, the element type (0x08 = uint8), then the number of dimensions.
 _IDX_UINT8 = 0x0800

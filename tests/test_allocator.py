@@ -14,7 +14,7 @@ STEPS = """
 import resource, sys, threading, torch
 from omegaconf import OmegaConf
 from models.convnet import ConvNet
-from rpc_train.allocator import configure_allocator
+from rpc_train.runtime.allocator import configure_allocator
 
 torch.set_num_threads(1)
 held = configure_allocator(OmegaConf.create({"hold_freed_memory": sys.argv[1] == "true"}))

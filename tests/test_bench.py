@@ -1,4 +1,4 @@
-"""`python -m rpc_train.bench` end to end: it starts its own RPC world, finishes, writes its CSV.
+"""`python -m rpc_train.bench.pipeline` end to end: it starts its own RPC world, finishes, writes its CSV.
 
 No timing assertions: speed depends on the machine and its load; only the shape is checked.
 """
@@ -16,7 +16,7 @@ import pytest
 @pytest.mark.timeout(300)
 def test_bench_runs_and_writes_every_row(tmp_path):
     out = tmp_path / "bench.csv"
-    cmd = [sys.executable, "-m", "rpc_train.bench", "--model", "mlp", "--data", "synthetic",
+    cmd = [sys.executable, "-m", "rpc_train.bench.pipeline", "--model", "mlp", "--data", "synthetic",
            "--steps", "2", "--warmup", "1", "--micro-batches", "1,2", "--batch-size", "16",
            "--csv", str(out), "--timeout", "240"]
     # The bench's own timeout ends its RPC world before pytest's, so a hang fails with its output.

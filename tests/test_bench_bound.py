@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from probes import InputProbe
-from rpc_train.bench_bound import Splits, add_split_bounds, ideal_step_s, stage_costs
+from rpc_train.bench.bound import Splits, add_split_bounds, ideal_step_s, stage_costs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,7 +35,7 @@ def test_stage_costs_run_each_stage_as_the_pipeline_does():
 
 def test_one_split_is_planned_per_micro_batch_count():
     from conftest import compose_config
-    from rpc_train.bench_bound import plan_splits
+    from rpc_train.bench.bound import plan_splits
 
     cfg = compose_config(["model=convnet", "data=synthetic", "pipeline.balance=[2,4]"])
     assert plan_splits(cfg, 2, [1, 4]) == {1: [2, 4], 4: [2, 4]}

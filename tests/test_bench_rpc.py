@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
 def test_rpc_microbenchmark_prints_rpc_and_gloo_columns():
-    result = subprocess.run([sys.executable, "-m", "rpc_train.bench_rpc", "--sizes-mb", "1", "--repeats", "5"],
+    result = subprocess.run([sys.executable, "-m", "rpc_train.bench.rpc", "--sizes-mb", "1", "--repeats", "5"],
                             cwd=REPO, capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {line.split()[0] + " " + line.split()[1]: line.split() for line in result.stdout.splitlines()[2:]}
@@ -21,7 +21,7 @@ def test_rpc_microbenchmark_prints_rpc_and_gloo_columns():
 
 
 def test_micro_batch_anatomy_times_every_piece():
-    result = subprocess.run([sys.executable, "-m", "rpc_train.bench_anatomy", "--repeats", "10"],
+    result = subprocess.run([sys.executable, "-m", "rpc_train.bench.anatomy", "--repeats", "10"],
                             cwd=REPO, capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = {line.rsplit(" ", 2)[0].strip(): float(line.split()[-2])
@@ -34,7 +34,7 @@ def test_micro_batch_anatomy_times_every_piece():
 
 
 def test_side_by_side_jobs_report_each_step():
-    result = subprocess.run([sys.executable, "-m", "rpc_train.bench_cores", "--model", "mlp", "--jobs", "2",
+    result = subprocess.run([sys.executable, "-m", "rpc_train.bench.cores", "--model", "mlp", "--jobs", "2",
                              "--steps", "3", "--warmup", "1"], cwd=REPO, capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()[1:]

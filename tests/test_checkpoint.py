@@ -14,15 +14,15 @@ import torch
 from torch import nn
 
 from conftest import compose_config
-from rpc_train.checkpoint import (MANIFEST, Checkpoint, atomic_write, begin, checkpoint_dir,
+from rpc_train.checkpoint.store import (MANIFEST, Checkpoint, atomic_write, begin, checkpoint_dir,
                                   damage, newest_intact, prune, resolve_resume, save_file, sha256_of, write_manifest)
-from rpc_train.checkpointer import check_same_model, check_same_optimizer, model_tensors
-from rpc_train.data import make_loaders
-from rpc_train.errors import ConfigError
-from rpc_train.local import LocalEngine
-from rpc_train.trainer import Trainer
-from rpc_train.validate import validate
-from rpc_train.worker_state import load_worker_state, save_worker_state
+from rpc_train.checkpoint.manager import check_same_model, check_same_optimizer, model_tensors
+from rpc_train.data.datasets import make_loaders
+from rpc_train.config.errors import ConfigError
+from rpc_train.training.local import LocalEngine
+from rpc_train.training.loop import Trainer
+from rpc_train.config.validate import validate
+from rpc_train.checkpoint.shares import load_worker_state, save_worker_state
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -121,7 +121,7 @@ def test_prune_keeps_the_newest_and_drops_abandoned_ones(tmp_path):
 
 def split_mlp(cfg, bounds):
     """Stand-ins for pipeline stages: the same MLP cut at `bounds`, each with its own optimizer."""
-    from rpc_train.builders import build_model, build_optimizer
+    from rpc_train.training.builders import build_model, build_optimizer
 
     container = {"_target_": cfg.model._target_, "in_shape": list(cfg.model.in_shape),
                  "num_classes": cfg.model.num_classes, "hidden": list(cfg.model.hidden)}

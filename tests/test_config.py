@@ -7,9 +7,9 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from conftest import REPO, compose_config
-from rpc_train.builders import build_optimizer
-from rpc_train.errors import ConfigError
-from rpc_train.validate import validate
+from rpc_train.training.builders import build_optimizer
+from rpc_train.config.errors import ConfigError
+from rpc_train.config.validate import validate
 
 pytestmark = pytest.mark.timeout(120)
 

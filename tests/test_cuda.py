@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from conftest import compose_config, exported_model, launch, ok, read_scalars
-from rpc_train.data import make_loaders
-from rpc_train.local import LocalEngine
-from rpc_train.trainer import Trainer
+from rpc_train.data.datasets import make_loaders
+from rpc_train.training.local import LocalEngine
+from rpc_train.training.loop import Trainer
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -10,10 +10,10 @@ import torch
 from omegaconf import OmegaConf
 
 from dataset_writers import cifar10_md5s, tiny_cifar10_class, write_cifar10, write_mnist
-from rpc_train.config import DataConf
-from rpc_train.data import CHANNEL_STATS, load_datasets, make_loaders, normalise, read_torchvision
-from rpc_train.dataset_files import DATASETS, check_available
-from rpc_train.errors import ConfigError
+from rpc_train.config.schema import DataConf
+from rpc_train.data.datasets import CHANNEL_STATS, load_datasets, make_loaders, normalise, read_torchvision
+from rpc_train.data.files import DATASETS, check_available
+from rpc_train.config.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,7 +28,7 @@ def data_conf(file: str, **overrides):
 
 
 def unnormalise(name: str, inputs: torch.Tensor) -> torch.Tensor:
-    """Back to the uint8 pixels that were written (inverse of rpc_train.data.normalise)."""
+    """Back to the uint8 pixels that were written (inverse of rpc_train.data.datasets.normalise)."""
     mean, std = (torch.tensor(s).view(1, -1, 1, 1) for s in CHANNEL_STATS[name])
     return ((inputs * std + mean) * 255).round().to(torch.uint8)
 
@@ -172,8 +172,8 @@ def test_split_is_the_same_in_another_process():
     # The pipeline driver and a reference run are different processes; nothing may depend on
     # process state such as the global RNG or hash seeds.
     code = (
-        "from omegaconf import OmegaConf; from rpc_train.config import DataConf; "
-        "from rpc_train.data import make_loaders; "
+        "from omegaconf import OmegaConf; from rpc_train.config.schema import DataConf; "
+        "from rpc_train.data.datasets import make_loaders; "
         "conf = OmegaConf.merge(OmegaConf.structured(DataConf), "
         "dict(name='synthetic', shape=[1, 4, 4], num_classes=3, size=64)); "
         "print([y.tolist() for _, y in make_loaders(conf, 8, seed=5)[0]])"

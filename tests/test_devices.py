@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from rpc_train.devices import mps_running, shared_gpu_note
+from rpc_train.runtime.devices import mps_running, shared_gpu_note
 
 pytestmark = pytest.mark.timeout(30)
 

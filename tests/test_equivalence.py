@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import compose_config, launch
-from rpc_train.data import make_loaders
-from rpc_train.local import LocalEngine
-from rpc_train.trainer import Trainer
+from rpc_train.data.datasets import make_loaders
+from rpc_train.training.local import LocalEngine
+from rpc_train.training.loop import Trainer
 
 pytestmark = pytest.mark.timeout(240)
 

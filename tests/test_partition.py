@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from probes import InputProbe
-from rpc_train.errors import ConfigError
-from rpc_train.partition import balance_costs, param_costs, plan_stages, stage_bounds, time_costs
+from rpc_train.config.errors import ConfigError
+from rpc_train.pipeline.partition import balance_costs, param_costs, plan_stages, stage_bounds, time_costs
 
 pytestmark = pytest.mark.timeout(60)
 

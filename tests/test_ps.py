@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import REPO, compose_config, event_tags, launch, read_scalars
-from rpc_train.data import load_datasets, make_loaders, make_trainer_loader
-from rpc_train.errors import ConfigError
-from rpc_train.local import LocalEngine
-from rpc_train.trainer import Trainer
-from rpc_train.validate import validate
+from rpc_train.data.datasets import load_datasets, make_loaders, make_trainer_loader
+from rpc_train.config.errors import ConfigError
+from rpc_train.training.local import LocalEngine
+from rpc_train.training.loop import Trainer
+from rpc_train.config.validate import validate
 
 pytestmark = pytest.mark.timeout(240)
 

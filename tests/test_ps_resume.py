@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import assert_same_parameters, exported_model, compose_config, launch, ok
-from rpc_train.builders import build_model
-from rpc_train.checkpoint import damage
-from rpc_train.config import as_dict
+from rpc_train.training.builders import build_model
+from rpc_train.checkpoint.store import damage
+from rpc_train.config.schema import as_dict
 from rpc_train.ps.server import ParameterServer
-from rpc_train.validate import validate
+from rpc_train.config.validate import validate
 
 pytestmark = pytest.mark.timeout(240)
 

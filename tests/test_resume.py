@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import assert_same_parameters, exported_model, launch, read_scalars, ok
-from rpc_train.checkpoint import damage
+from rpc_train.checkpoint.store import damage
 
 pytestmark = pytest.mark.timeout(300)
 

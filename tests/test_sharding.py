@@ -6,8 +6,8 @@ import random
 import pytest
 
 from conftest import compose_config
-from rpc_train.builders import build_model
-from rpc_train.errors import ConfigError
+from rpc_train.training.builders import build_model
+from rpc_train.config.errors import ConfigError
 from rpc_train.ps.sharding import shard_by_size, tensor_sizes
 
 pytestmark = pytest.mark.timeout(60)

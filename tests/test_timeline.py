@@ -2,7 +2,7 @@
 
 import pytest
 
-from rpc_train.timeline import bubble_fraction, chrome_trace
+from rpc_train.pipeline.timeline import bubble_fraction, chrome_trace
 
 pytestmark = pytest.mark.timeout(30)
 

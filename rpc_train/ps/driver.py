@@ -16,19 +16,19 @@ import torch.distributed.rpc as rpc
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from rpc_train.checkpointer import Checkpointer
-from rpc_train.config import as_dict
-from rpc_train.data import make_loaders
-from rpc_train.errors import ConfigError, RunFailure
-from rpc_train.local import LocalEngine
-from rpc_train.metrics import RunLogger
+from rpc_train.checkpoint.manager import Checkpointer
+from rpc_train.config.schema import as_dict
+from rpc_train.data.datasets import make_loaders
+from rpc_train.config.errors import ConfigError, RunFailure
+from rpc_train.training.local import LocalEngine
+from rpc_train.metrics.tensorboard import RunLogger
 from rpc_train.ps.progress import ProgressMonitor
 from rpc_train.ps.server import ParameterServer
 from rpc_train.ps.sharding import shard_by_size, tensor_sizes
 from rpc_train.ps.worker import TrainerWorker
-from rpc_train.remote import call_all, gather_state
-from rpc_train.roles import ParameterServerRoles, ps_roles
-from rpc_train.trainer import validate_and_log
+from rpc_train.runtime.remote import call_all, gather_state
+from rpc_train.runtime.roles import ParameterServerRoles, ps_roles
+from rpc_train.training.loop import validate_and_log
 
 log = logging.getLogger(__name__)
 

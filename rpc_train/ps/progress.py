@@ -17,9 +17,9 @@ from typing import Dict, List
 import torch
 from tqdm import tqdm
 
-from rpc_train.errors import RunFailure
-from rpc_train.metrics import RunLogger
-from rpc_train.remote import call_all
+from rpc_train.config.errors import RunFailure
+from rpc_train.metrics.tensorboard import RunLogger
+from rpc_train.runtime.remote import call_all
 
 log = logging.getLogger(__name__)
 

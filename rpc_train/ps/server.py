@@ -14,8 +14,8 @@ import torch
 import torch.distributed.rpc as rpc
 from torch import nn
 
-from rpc_train.builders import build_model, build_optimizer
-from rpc_train.worker_state import load_worker_state, save_worker_state
+from rpc_train.training.builders import build_model, build_optimizer
+from rpc_train.checkpoint.shares import load_worker_state, save_worker_state
 
 # The servers hosted by this process, by server id, for `push_gradients` and `fetch_shard`.
 _LOCAL_SERVERS: Dict[int, "ParameterServer"] = {}

@@ -5,7 +5,7 @@ from typing import Dict, List, Mapping
 
 from torch import nn
 
-from rpc_train.errors import ConfigError
+from rpc_train.config.errors import ConfigError
 
 
 def tensor_sizes(model: nn.Module) -> Dict[str, int]:

@@ -25,11 +25,11 @@ import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from rpc_train.builders import build_model
-from rpc_train.data import load_datasets, make_trainer_loader
+from rpc_train.training.builders import build_model
+from rpc_train.data.datasets import load_datasets, make_trainer_loader
 from rpc_train.ps.progress import TrainerReport, record_report
 from rpc_train.ps.server import PushReply, fetch_shard, push_gradients
-from rpc_train.runtime import DRIVER
+from rpc_train.runtime.session import DRIVER
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,124 @@
+"""`python -m rpc_train.bench.anatomy`: where a pipeline micro-batch's time goes, piece by piece.
+
+A profile of the per-micro-batch path of `PipelineEngine` (driver + K stages on this machine,
+a model small enough that messaging dominates): each row adds one piece to the previous one,
+so the differences say what each piece costs. A profiling tool: it reaches into the engine's
+micro-batch method and sequence counter to time them alone.
+"""
+
+import argparse
+import statistics
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable, Dict, List
+
+import torch
+import torch.distributed.autograd as dist_autograd
+import torch.distributed.rpc as rpc
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+from rpc_train.bench.rpc import echo, median_s
+from rpc_train.runtime.local_world import run_in_local_world
+from rpc_train.config.schema import register_configs
+from rpc_train.pipeline.engine import PipelineEngine
+from rpc_train.config.preflight import CONF_DIR
+from rpc_train.pipeline.stage import forward_on_stage
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    return 1e3 * median_s(fn, repeats, warmup=10)
+
+
+def _rows(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, repeats: int) -> List[tuple]:
+    first = engine.workers[0]
+    x, y = x.to(engine.device), y.to(engine.device)  # where the engine keeps them (a GPU with device=cuda)
+
+    def forward(training: bool) -> torch.Tensor:
+        # Stages take micro-batches in the engine's sequence order: number them as it would.
+        out = rpc.rpc_sync(first, forward_on_stage, args=(0, engine._seq, x, training))
+        engine._seq += 1
+        return out
+
+    def in_context() -> None:
+        with dist_autograd.context():
+            forward(True)
+
+    def with_backward() -> None:
+        with dist_autograd.context() as context_id:
+            loss = F.cross_entropy(forward(True), y)
+            loss.item()
+            dist_autograd.backward(context_id, [loss])
+
+    def on_engine_thread() -> None:
+        # The engine's own micro-batch method on its pool thread; the context closes at release.
+        release, report = threading.Event(), Future()
+        engine._pool.submit(engine._micro_batch, engine._seq, x, y, len(y), release, report)
+        engine._seq += 1
+        report.result()
+        release.set()
+
+    rows = [("RPC round trip, driver <-> stage 0", median_ms(lambda: rpc.rpc_sync(first, echo, args=(x,)), repeats)),
+            ("forward through the stages, no autograd", median_ms(lambda: forward(False), repeats)),
+            ("  ... inside a distributed-autograd context", median_ms(in_context, repeats)),
+            ("  ... + loss and distributed backward", median_ms(with_backward, repeats)),
+            ("  ... on the engine's micro-batch thread", median_ms(on_engine_thread, repeats))]
+    step_ms, total_ms, compute_ms = [], [], []
+    for i in range(repeats // 2 + 5):
+        start = time.perf_counter()
+        result = engine.train_step(x, y)
+        total = time.perf_counter() - start
+        if i >= 5:
+            total_ms.append(1e3 * total)
+            step_ms.append(result.stats["pipeline/step_ms"])
+            compute_ms.append(sum(v for k, v in result.stats.items() if k.endswith(("forward_ms", "backward_ms"))))
+    rows += [("stages' optimizer step (one RPC each, in parallel)", statistics.median(step_ms)),
+             ("train_step, 1 micro-batch, all of it", statistics.median(total_ms)),
+             ("  of which stage compute (stages' clocks)", statistics.median(compute_ms))]
+    return rows
+
+
+def measure(world, cfg, repeats: int) -> Dict[int, List[tuple]]:
+    """On the driver: the anatomy at one micro-batch, then train_step at more, same batch."""
+    engine = PipelineEngine(cfg, world.size)
+    engine.wait_ready()
+    batch = cfg.trainer.batch_size
+    x, y = torch.randn(batch, *cfg.data.shape), torch.randint(0, cfg.data.num_classes, (batch,))
+    rows = _rows(engine, x, y, repeats)
+    engine.close()
+    for m in (2, 4, 8):
+        if m > batch:
+            break
+        cfg.pipeline.micro_batches = m
+        engine = PipelineEngine(cfg, world.size)
+        engine.wait_ready()
+        rows.append((f"train_step, {m} micro-batches", median_ms(lambda: engine.train_step(x, y), repeats // 2)))
+        engine.close()
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m rpc_train.bench.anatomy", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="mlp", help="a conf/model option")
+    p.add_argument("--batch-size", type=int, default=8, help="the batch; 1 micro-batch = all of it")
+    p.add_argument("--repeats", type=int, default=200, help="timed calls per row")
+    p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
+    args = p.parse_args(argv)
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            f"model={args.model}", "data=synthetic", f"trainer.batch_size={args.batch_size}",
+            "pipeline.micro_batches=1", "pipeline.stages=2", "runtime.threads=1", "runtime.rpc_timeout_s=60",
+            # Some rows run forwards without a backward: under 1f1b the stages would (rightly)
+            # hold back the third such forward until a backward ends, and none ever does.
+            "pipeline.schedule=gpipe", *args.override])
+    rows = run_in_local_world(cfg, 3, measure, (args.repeats,), timeout_s=600)
+    print(f"torch {torch.__version__}, driver + 2 stages on this machine, model={args.model}, "
+          f"batch {args.batch_size}, medians")
+    for name, ms in rows:
+        print(f"{name:<52} {ms:8.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Checks of a composed config against the world it will run in.
+
+Pure Python (no torch), so the launcher runs them before torchrun starts anything, and every
+rank runs them again before it joins RPC: a bad value fails fast and the same on every rank.
+"""
+
+import os
+from typing import Iterator, Sequence
+
+from omegaconf import DictConfig
+
+from rpc_train.config.errors import ConfigError
+
+MODES = ("pipeline", "parameter_server")
+DEVICES = ("cpu", "cuda")
+BALANCE_STRATEGIES = ("params", "time")
+SCHEDULES = ("gpipe", "1f1b")
+BALANCE_HELP = "'params', 'time', or a list of layer counts per stage such as [3,2]"
+
+
+def _positive(name: str, value) -> Iterator[str]:
+    if value is None or int(value) < 1:
+        yield f"{name}={value}: must be a positive integer"
+
+
+def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
+    if cfg.mode.name not in MODES:
+        yield f"mode.name={cfg.mode.name}: expected one of {', '.join(MODES)}"
+    if cfg.device not in DEVICES:
+        yield f"device={cfg.device}: expected one of {', '.join(DEVICES)}"
+    yield from _runtime_problems(cfg)
+    trainer = cfg.trainer
+    yield from _positive("trainer.batch_size", trainer.batch_size)
+    yield from _positive("trainer.epochs", trainer.epochs)
+    yield from _positive("trainer.log_every", trainer.log_every)
+    if trainer.max_steps is not None:
+        yield from _positive("trainer.max_steps", trainer.max_steps)
+    yield from _checkpoint_problems(cfg)
+    parameter_server = cfg.mode.name == "parameter_server"
+    if not parameter_server:
+        yield from _micro_batch_problems(cfg.pipeline, trainer.batch_size, cfg.runtime.num_worker_threads)
+    if world_size < 2:
+        yield (f"world size {world_size} (NPROC x NNODES): rpc_train needs at least 2 processes, "
+               "a driver and one worker; use NPROC=2 or more")
+        return
+    if parameter_server:
+        yield from _ps_problems(cfg, world_size)
+    else:
+        yield from _stage_problems(cfg.pipeline, world_size)
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        yield f"data.val_fraction={cfg.data.val_fraction}: must be between 0 and 1"
+
+
+def _checkpoint_problems(cfg: DictConfig) -> Iterator[str]:
+    ckpt = cfg.checkpoint
+    if ckpt.every_steps is None or ckpt.every_steps < 0:
+        yield (f"checkpoint.every_steps={ckpt.every_steps}: must be 0 (save only at the end) "
+               "or a positive number of steps")
+    yield from _positive("checkpoint.keep", ckpt.keep)
+    if ckpt.resume not in ("auto", "none") and not os.path.isdir(os.path.expanduser(ckpt.resume)):
+        yield (f"checkpoint.resume={ckpt.resume}: no such directory; use auto, none, a "
+               "checkpoints/step_<N> directory or a run directory")
+
+
+def _runtime_problems(cfg: DictConfig) -> Iterator[str]:
+    runtime = cfg.runtime
+    if not runtime.rpc_timeout_s > 0:
+        # TensorPipe reads 0 as "no timeout": a stuck worker would hang the job forever.
+        yield f"runtime.rpc_timeout_s={runtime.rpc_timeout_s}: must be a positive number of seconds"
+    yield from _positive("runtime.num_worker_threads", runtime.num_worker_threads)
+    if runtime.threads < 0:
+        yield f"runtime.threads={runtime.threads}: must be 0 (share the cores) or a positive count"
+    if cfg.pipeline.timeline_every < 0:
+        yield f"pipeline.timeline_every={cfg.pipeline.timeline_every}: must be 0 (never) or a positive count"
+
+
+def _micro_batch_problems(pipe: DictConfig, batch_size: int, rpc_threads: int) -> Iterator[str]:
+    yield from _positive("pipeline.micro_batches", pipe.micro_batches)
+    if pipe.micro_batches >= rpc_threads:
+        # A stage runs micro-batches in order; each one waiting for its turn holds an RPC
+        # thread, so as many waiting as there are threads would leave none for the one due.
+        yield (f"pipeline.micro_batches={pipe.micro_batches} needs runtime.num_worker_threads > "
+               f"{pipe.micro_batches} (it is {rpc_threads}): raise it, or use fewer micro-batches")
+    if pipe.micro_batches > batch_size >= 1:
+        yield (f"pipeline.micro_batches={pipe.micro_batches} is larger than "
+               f"trainer.batch_size={batch_size}: each micro-batch needs at least one sample")
+
+
+def _stage_problems(pipe: DictConfig, world_size: int) -> Iterator[str]:
+    if pipe.stages is not None:
+        yield from _positive("pipeline.stages", pipe.stages)
+        if pipe.stages > world_size - 1:
+            yield (f"pipeline.stages={pipe.stages} needs {pipe.stages + 1} processes (a driver and "
+                   f"one per stage) but the world has {world_size}; use NPROC={pipe.stages + 1} "
+                   f"or pipeline.stages<={world_size - 1}")
+    yield from _balance_problems(pipe.balance, pipe.stages or world_size - 1)
+    if pipe.schedule not in SCHEDULES:
+        yield f"pipeline.schedule={pipe.schedule}: expected one of {', '.join(SCHEDULES)}"
+
+
+def _ps_problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
+    """The parameter-server split of the world: a driver, ps.servers servers, >= 1 trainer."""
+    ps = cfg.ps
+    if ps.servers is None or ps.servers < 1:
+        yield f"ps.servers={ps.servers}: must be a positive integer (ranks holding parameter shards)"
+    elif ps.servers > world_size - 2:
+        fewer = f" or ps.servers<={world_size - 2}" if world_size >= 3 else ""
+        yield (f"ps.servers={ps.servers} leaves no trainer in a world of {world_size} (NPROC x NNODES): "
+               f"need NPROC >= ps.servers + 2 = {ps.servers + 2} (driver, servers, a trainer){fewer}")
+    if ps.max_staleness is None or ps.max_staleness < 0:
+        yield f"ps.max_staleness={ps.max_staleness}: must be 0 or more (updates a gradient may lag)"
+    elif not ps.sync and ps.max_staleness == 0 and world_size - 1 - ps.servers > 1:
+        # With several async trainers, every other trainer's push makes a copy stale: a bound
+        # of 0 would send a trainer back to recompute for ever.
+        yield ("ps.max_staleness=0 with ps.sync=false and several trainers: a trainer could retry "
+               "for ever; use ps.max_staleness>=1, or ps.sync=true")
+    if cfg.trainer.skip_nonfinite:
+        # A sync round needs every trainer's gradient: a skipped one would stall the servers.
+        yield ("trainer.skip_nonfinite=true: mode=parameter_server stops on a non-finite loss "
+               "instead; use trainer.skip_nonfinite=false or mode=pipeline")
+    if cfg.device != "cpu":
+        yield (f"device={cfg.device}: mode=parameter_server runs on CPU only (servers and trainers "
+               "exchange CPU tensors); use device=cpu")
+
+
+def _balance_problems(balance, stages: int) -> Iterator[str]:
+    if isinstance(balance, str):
+        if balance not in BALANCE_STRATEGIES:
+            yield f"pipeline.balance={balance}: expected {BALANCE_HELP}"
+    elif isinstance(balance, Sequence):
+        if len(balance) != stages or not all(isinstance(c, int) and c >= 1 for c in balance):
+            yield (f"pipeline.balance={list(balance)}: expected {stages} positive layer counts, "
+                   f"one per stage")
+    else:
+        yield f"pipeline.balance={balance}: expected {BALANCE_HELP}"
+
+
+def validate(cfg: DictConfig, world_size: int) -> None:
+    """Raise ConfigError naming the first bad value and what would be valid."""
+    for problem in _problems(cfg, world_size):
+        raise ConfigError(problem)

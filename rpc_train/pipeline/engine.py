@@ -1,0 +1,194 @@
+"""The driver's view of a pipeline: stages on the workers, micro-batches through them.
+
+Each micro-batch gets its own distributed-autograd context, so its backward pass can start
+the moment its loss is known and run while other micro-batches are still in forward or
+backward elsewhere (one shared context would serialise the backward passes). A driver
+thread per micro-batch carries its context: issue the forward, compute the loss, run the
+backward. The stages then sum their gradients over all contexts and step: one RPC per stage.
+
+Schedules: the driver sends every micro-batch at once. With `gpipe` each stage runs the
+forwards as they come; with `1f1b` a stage starts a forward only while fewer than K
+micro-batches are past its forward and not yet through its backward, so it holds at most K
+micro-batches' activations. The stage enforces it (`StageWorker.max_in_flight`): a forward
+starts the moment a backward ends there, with no round trip to the driver. (Textbook 1F1B
+lets stage k hold K - k; here the loss is on the driver, one hop past the last stage, and
+a last stage allowed one micro-batch would idle through every round trip to it.)
+"""
+
+import logging
+import math
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed.autograd as dist_autograd
+import torch.distributed.rpc as rpc
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from rpc_train.training.builders import build_model
+from rpc_train.config.schema import as_dict
+from rpc_train.runtime.devices import bind_cuda_context, driver_device, mps_running, shared_gpu_note, stage_device
+from rpc_train.pipeline.partition import plan_stages, stage_bounds
+from rpc_train.runtime.remote import call_all, gather_state
+from rpc_train.runtime.session import worker_name
+from rpc_train.pipeline.stage import StageWorker, forward_on_stage
+from rpc_train.pipeline.timeline import bubble_fraction
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    correct: int
+    stats: Dict[str, float] = field(default_factory=dict)
+    # True when the loss was not finite and the optimizer step was not applied.
+    skipped: bool = False
+    # Per stage: (kind "F"/"B", micro-batch seq, start, end) in perf_counter seconds.
+    spans: Optional[List[List[tuple]]] = None
+    started: float = 0.0
+
+
+def num_stages(cfg: DictConfig, world_size: int) -> int:
+    return cfg.pipeline.stages or world_size - 1
+
+
+class PipelineEngine:
+    """Builds the stages on workers 1..K and runs training and evaluation steps through them."""
+
+    def __init__(self, cfg: DictConfig, world_size: int):
+        """Start building the stages; `wait_ready` blocks until they are built.
+
+        Workers build their stages (and pay torch.optim's first-use import, seconds on a small
+        machine) while the driver goes on to load the data.
+        """
+        self.micro_batches = cfg.pipeline.micro_batches
+        self.device = torch.device(driver_device(cfg.device))
+        k = num_stages(cfg, world_size)
+        # One thread per micro-batch: each holds its autograd context until the step.
+        self._pool = ThreadPoolExecutor(self.micro_batches, thread_name_prefix="micro-batch")
+        model_cfg = as_dict(cfg.model)
+        layers = list(build_model(model_cfg, cfg.seed))
+        # Timing layers needs only the shape of a micro-batch, not real data, on the stages'
+        # kind of device (check_device has made sure the driver sees it too).
+        micro = max(1, cfg.trainer.batch_size // self.micro_batches)
+        sample = torch.randn(micro, *cfg.data.shape, device=stage_device(cfg.device, 0))
+        self.counts = plan_stages(layers, k, cfg.pipeline.balance, sample)
+        self.workers = [worker_name(rank) for rank in range(1, k + 1)]
+        self.stages = [
+            rpc.remote(self.workers[i], StageWorker,
+                       args=(i, model_cfg, bounds, as_dict(cfg.optim), as_dict(cfg.scheduler) or None,
+                             stage_device(cfg.device, i), cfg.seed, k if cfg.pipeline.schedule == "1f1b" else None))
+            for i, bounds in enumerate(stage_bounds(self.counts))
+        ]
+        self._connected = [
+            stage.rpc_async().connect(*((self.workers[i + 1], i + 1) if i + 1 < k else (None, None)))
+            for i, stage in enumerate(self.stages)
+        ]
+        self._seq = 0
+        log.info("pipeline: %d stages on %s, layers per stage %s, %d micro-batches, %s schedule",
+                 k, ", ".join(self.workers), self.counts, self.micro_batches, cfg.pipeline.schedule)
+        note = shared_gpu_note(cfg.device, k, torch.cuda.device_count(), mps_running())
+        if note:
+            log.warning(note)
+
+    def wait_ready(self) -> None:
+        torch.futures.wait_all(self._connected)
+
+    def _forward_all(self, x: torch.Tensor, training: bool) -> List[torch.Tensor]:
+        chunks = x.to(self.device).tensor_split(min(self.micro_batches, len(x)))
+        futures = []
+        for chunk in chunks:
+            futures.append(rpc.rpc_async(self.workers[0], forward_on_stage,
+                                         args=(0, self._seq, chunk, training)))
+            self._seq += 1
+        return torch.futures.wait_all(futures)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        started = time.perf_counter()
+        # One host-to-device copy per batch; the micro-batches are views of it.
+        x, y = x.to(self.device), y.to(self.device)
+        release = threading.Event()
+        reports = []
+        try:
+            for cx, cy in zip(x.tensor_split(self.micro_batches), y.tensor_split(self.micro_batches)):
+                reports.append(Future())
+                self._pool.submit(self._micro_batch, self._seq, cx, cy, len(y), release, reports[-1])
+                self._seq += 1
+            done = [report.result() for report in reports]
+            loss = sum(d[1] for d in done)
+            if not math.isfinite(loss):
+                call_all(self.stages, "drop_stats")
+                return StepResult(loss, 0, skipped=True)
+            contexts = [d[0] for d in done]
+            stepping = time.perf_counter()
+            per_stage = call_all(self.stages, "step", contexts)
+            step_ms = 1e3 * (time.perf_counter() - stepping)
+        finally:
+            release.set()  # the contexts may close now: the stages have read their gradients
+        return self._result(loss, done, per_stage, started, step_ms)
+
+    def _micro_batch(self, seq, x, y, batch, release, report: Future) -> None:
+        """One micro-batch's forward, loss and backward, in its own autograd context.
+
+        Reports (context id, loss, correct) once its backward is done, then keeps the context
+        open until the stages have stepped, since closing it frees the gradients.
+        """
+        try:
+            bind_cuda_context(self.device)
+            with dist_autograd.context() as context_id:
+                out = rpc.rpc_sync(self.workers[0], forward_on_stage, args=(0, seq, x, True))
+                # Summed, then divided by the whole batch: the micro-batches' losses add up
+                # to the batch's mean loss, so gradients match one pass over the batch.
+                loss = F.cross_entropy(out, y, reduction="sum") / batch
+                # Even for a non-finite loss (the step is then dropped, not applied): with
+                # 1f1b, later forwards wait at each stage for this backward to end there.
+                dist_autograd.backward(context_id, [loss])
+                report.set_result((context_id, loss.item(), int((out.argmax(1) == y).sum())))
+                release.wait()
+        except BaseException as err:  # noqa: BLE001 - handed to the driver's thread
+            if not report.done():
+                report.set_exception(err)
+
+    def _result(self, loss: float, done, per_stage, started, step_ms: float) -> StepResult:
+        # step_ms: the stages' gradient sums and optimizer steps, after the last backward.
+        stats = {"lr": next(s["lr"] for s in per_stage if s["lr"] is not None), "pipeline/step_ms": step_ms}
+        for i, s in enumerate(per_stage):
+            stats[f"stage{i}/forward_ms"] = s["forward_ms"]
+            stats[f"stage{i}/backward_ms"] = s["backward_ms"]
+            stats[f"stage{i}/page_faults"] = s["page_faults"]
+        spans = [s["spans"] for s in per_stage]
+        stats["pipeline/bubble_fraction"] = bubble_fraction(spans, started, time.perf_counter())
+        return StepResult(loss, sum(d[2] for d in done), stats, spans=spans, started=started)
+
+    @torch.no_grad()
+    def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        logits = torch.cat(self._forward_all(x, training=False))
+        y = y.to(self.device)
+        loss = F.cross_entropy(logits, y, reduction="sum").item()
+        return StepResult(loss, int((logits.argmax(1) == y).sum()))
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """The whole model's state, named as in the `models/` class, gathered from the stages."""
+        return gather_state(self.stages)
+
+    def close(self) -> None:
+        """Free the micro-batch threads and the stages (for a process that builds engines anew)."""
+        self._pool.shutdown(wait=True)
+        call_all(self.stages, "release")
+
+    # Checkpoints (rpc_train/checkpointer.py): every stage reads and writes its own share.
+    def save_checkpoint(self, directory: str) -> List[dict]:
+        """Each stage writes its file into `directory`, all at once; their manifest records."""
+        return call_all(self.stages, "save_checkpoint", directory)
+
+    def load_checkpoint(self, directory: str, index: Dict[str, str]) -> None:
+        """Each stage loads the tensors it owns, by name, from whichever files hold them."""
+        call_all(self.stages, "load_checkpoint", directory, index)
+
+    def layout(self) -> Dict[str, Any]:
+        return {"stages": len(self.stages), "layers_per_stage": list(self.counts), "workers": self.workers}

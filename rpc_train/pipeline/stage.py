@@ -1,0 +1,290 @@
+"""One pipeline stage: a slice of the model's layers, its optimizer, living on one worker.
+
+The driver creates each `StageWorker` with `rpc.remote` and keeps the RRef: the RRef owns the
+stage's lifetime and carries the control calls (step, state, stats). The per-micro-batch path
+instead calls `forward_on_stage` by stage id: passing an RRef as an argument would run the
+RRef fork protocol (extra messages) for every micro-batch.
+"""
+
+import functools
+import resource
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed.autograd as dist_autograd
+import torch.distributed.rpc as rpc
+from torch import nn
+
+from rpc_train.training.builders import build_model, build_optimizer
+from rpc_train.runtime.devices import on_device_stream
+from rpc_train.checkpoint.shares import load_worker_state, save_worker_state
+
+# The stages hosted by this process, by stage id, for `forward_on_stage`.
+_LOCAL_STAGES: Dict[int, "StageWorker"] = {}
+
+
+class _Clock(torch.autograd.Function):
+    """Identity in forward; records when the gradient passes in backward.
+
+    One at a stage's output and one at its input bracket the stage's backward compute
+    (perf_counter is CLOCK_MONOTONIC: comparable across the processes of one machine). The
+    `anchor` input requires grad so the node is in the graph even when `x` does not (stage 0).
+    """
+
+    @staticmethod
+    def forward(ctx, x, anchor, record):
+        ctx.record = record
+        ctx.x_requires_grad = x.requires_grad
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.record(time.perf_counter())
+        return (grad if ctx.x_requires_grad else None), None, None
+
+
+def _ends_with_graph_task(span: list, ended):
+    """The first stage's backward clock: start when the gradient arrives, end with the backward.
+
+    Its input needs no gradient, and a clock on the input would ask for one: the convnet's
+    first block then spent 80% more on its backward computing a gradient nobody reads. So the
+    end (`ended(t)`) is taken by a callback that the autograd engine runs once this stage's
+    part of the micro-batch's backward is done.
+    """
+
+    def started(t: float) -> None:
+        span[1] = t
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: ended(time.perf_counter()))
+
+    return started
+
+
+def _on_stage_stream(method):
+    """A control call (step, state, checkpoints) that touches the stage's GPU tensors."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with on_device_stream(self.device):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
+class StageWorker:
+    def __init__(self, stage_id: int, model_cfg: dict, layers: range, optim_cfg: dict,
+                 scheduler_cfg: Optional[dict], device: str, seed: int, max_in_flight: Optional[int] = None):
+        """`max_in_flight`: 1F1B's bound, training micro-batches past this stage's forward whose
+        backward here has not ended (None: no bound, GPipe)."""
+        self.stage_id = stage_id
+        self.max_in_flight = max_in_flight
+        self._in_flight = 0
+        self.device = torch.device(device)
+        full = build_model(model_cfg, seed)
+        with on_device_stream(self.device):  # the copies are ordered before the first forward
+            self.module = nn.Sequential(*[full[i] for i in layers]).to(self.device)
+        self.layers = layers
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        # A stage of parameter-free layers only (a time-balanced split can make one) steps nothing.
+        self.optimizer, self.scheduler = (build_optimizer(self.params, optim_cfg, scheduler_cfg)
+                                          if self.params else (None, None))
+        self.next_stage: Optional[tuple] = None  # (worker name, stage id)
+        self._anchor = torch.zeros((), requires_grad=True)
+        self._turn = threading.Lock()  # guards _next_seq, _in_flight and _waiting
+        self._next_seq = 0
+        self._waiting: Dict[int, threading.Condition] = {}  # seq -> the RPC thread holding it
+        self._forward_spans: List[tuple] = []
+        self._backward_spans: List[list] = []
+        self._faults = _page_faults()
+        _LOCAL_STAGES[stage_id] = self
+
+    def __reduce__(self):
+        # A stage never travels: it is reached through its RRef. But with CUDA device maps the
+        # RPC agent pickles an RRef's value just to find the CUDA tensors in it (for stream
+        # syncs), and the stage's lock cannot be pickled; as a lookup by id it holds none.
+        return _local_stage, (self.stage_id,)
+
+    def connect(self, next_worker: Optional[str], next_stage_id: Optional[int]) -> None:
+        self.next_stage = (next_worker, next_stage_id) if next_worker else None
+
+    def _wait_turn(self, seq: int, training: bool) -> None:
+        # Micro-batches run in the order the driver issued them, whatever order the RPC
+        # threads pick them up in: batch-norm statistics then match single-process training.
+        # The wait blocks this RPC thread (hence micro_batches < num_worker_threads): queueing
+        # the micro-batch for another thread would lose its distributed-autograd context,
+        # which is current only on the thread that received the request.
+        with self._turn:
+            # Only micro-batch `_next_seq` may go on, so only its thread is woken (see _wake_next):
+            # waking every waiting thread on every change would cost each a GIL round.
+            wake = self._waiting[seq] = threading.Condition(self._turn)
+            # 1F1B: the next forward starts here the moment an earlier backward ends here,
+            # without a round trip to the driver. The earliest micro-batch in flight can
+            # always finish, so the wait ends.
+            while self._next_seq != seq or (training and self.max_in_flight is not None
+                                            and self._in_flight >= self.max_in_flight):
+                wake.wait()
+            del self._waiting[seq]
+            if training:
+                self._in_flight += 1
+
+    def _wake_next(self) -> None:
+        # Called with self._turn held.
+        wake = self._waiting.get(self._next_seq)
+        if wake is not None:
+            wake.notify()
+
+    def _backward_ended(self, span: list, t: float) -> None:
+        span[2] = t
+        with self._turn:
+            self._in_flight -= 1
+            self._wake_next()
+
+    def _done_turn(self) -> None:
+        with self._turn:
+            self._next_seq += 1
+            self._wake_next()
+
+    def compute(self, seq: int, x: torch.Tensor, training: bool) -> torch.Tensor:
+        self._wait_turn(seq, training)
+        try:
+            start = time.perf_counter()
+            if x.is_cuda:
+                # TensorPipe allocated x on the request's pool stream; once freed, its memory
+                # must not be reused there before this stream's kernels have read it.
+                x.record_stream(torch.cuda.current_stream(x.device))
+            x = x.to(self.device, non_blocking=True)
+            if self.module.training != training:
+                self.module.train(training)
+            with torch.set_grad_enabled(training):
+                if training:
+                    span = [seq, 0.0, 0.0]  # backward (start, end), filled in by the clocks
+                    self._backward_spans.append(span)
+                    ended = functools.partial(self._backward_ended, span)
+                    if x.requires_grad:  # the backward ends when the gradient reaches the input
+                        x = _Clock.apply(x, self._anchor, ended)
+                        started = lambda t: span.__setitem__(1, t)  # noqa: E731
+                    else:
+                        started = _ends_with_graph_task(span, ended)
+                    y = self.module(x)
+                    y = _Clock.apply(y, self._anchor, started)
+                else:
+                    y = self.module(x)
+            if training:
+                self._forward_spans.append((seq, start, time.perf_counter()))
+            return y
+        finally:
+            self._done_turn()
+
+    @_on_stage_stream
+    def step(self, context_ids: List[int]) -> Dict[str, Any]:
+        """Sum this stage's gradients over the micro-batches' autograd contexts and step.
+
+        Contexts are summed in the order given, so the result does not depend on the order in
+        which the backward passes happened to finish.
+        """
+        for p in self.params:
+            p.grad = None
+        for context_id in context_ids:
+            grads = dist_autograd.get_gradients(context_id)
+            sums, addends = [], []
+            for p in self.params:
+                g = grads.get(p)
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g  # the context's own tensor: it is not read again once summed here
+                else:
+                    sums.append(p.grad)
+                    addends.append(g)
+            if sums:
+                # One fused add per context rather than one kernel per parameter: ResNet-50 on a
+                # GPU would otherwise launch ~160 kernels per micro-batch here.
+                torch._foreach_add_(sums, addends)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return self.pop_stats()
+
+    def pop_stats(self) -> Dict[str, Any]:
+        """Compute times of the last step, each micro-batch's forward/backward span, and the
+        process's page faults since the last step (memory the allocator gave back and re-took)."""
+        spans = [("F", seq, a, b) for seq, a, b in self._forward_spans]
+        spans += [("B", seq, a, b) for seq, a, b in self._backward_spans if a and b]
+        faults, self._faults = self._faults, _page_faults()
+        stats = {"forward_ms": 1e3 * sum(b - a for kind, _, a, b in spans if kind == "F"),
+                 "backward_ms": 1e3 * sum(b - a for kind, _, a, b in spans if kind == "B"),
+                 "page_faults": self._faults - faults,
+                 "lr": self.optimizer.param_groups[0]["lr"] if self.optimizer else None, "spans": spans}
+        self._forward_spans, self._backward_spans = [], []
+        return stats
+
+    def drop_stats(self) -> None:
+        """Forget a step that was not applied (a skipped non-finite loss)."""
+        self._forward_spans, self._backward_spans = [], []
+
+    @_on_stage_stream
+    def state_dict(self) -> Dict[str, Any]:
+        """Parameters and buffers named as in the full model (`<layer index>.<name>`)."""
+        return {self._global_name(key): value.detach().cpu() for key, value in self.module.state_dict().items()}
+
+    def release(self) -> None:
+        """Forget this stage so its tensors can be freed once the driver's RRef goes too."""
+        if _LOCAL_STAGES.get(self.stage_id) is self:
+            del _LOCAL_STAGES[self.stage_id]
+
+    # Checkpoints: this stage's share, keyed by names of the full model (rpc_train/worker_state.py),
+    # so a checkpoint saved with another split of the layers loads here too.
+    def _global_name(self, local: str) -> str:
+        idx, rest = local.split(".", 1)
+        return f"{self.layers[int(idx)]}.{rest}"
+
+    def _param_names(self) -> List[str]:
+        # In the optimizer's order, that of self.params.
+        return [self._global_name(n) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def _owner(self) -> list:
+        return ["pipeline layers", self.layers.start, self.layers.stop]
+
+    @_on_stage_stream
+    def save_checkpoint(self, directory: str) -> Dict[str, Any]:
+        return save_worker_state(directory, f"stage{self.stage_id}.pt", self.state_dict(), self.optimizer,
+                                 self._param_names(), self.scheduler, self._owner())
+
+    @_on_stage_stream
+    def load_checkpoint(self, directory: str, index: Dict[str, str]) -> None:
+        local = {self._global_name(n): n for n in self.module.state_dict()}
+        tensors = load_worker_state(directory, index, local, self.optimizer, self._param_names(),
+                                    self.scheduler, self._owner())
+        self.module.load_state_dict({local[name]: t for name, t in tensors.items()})
+
+
+def _page_faults() -> int:
+    # Minor faults: a page the kernel had to map (and zero) on first touch.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _local_stage(stage_id: int) -> "StageWorker":
+    return _LOCAL_STAGES[stage_id]
+
+
+@rpc.functions.async_execution
+def forward_on_stage(stage_id: int, seq: int, x: torch.Tensor, training: bool) -> torch.futures.Future:
+    """Run micro-batch `seq` through this stage, then push it on to the next stage.
+
+    Activations go stage to stage, never through the driver. The reply (the last stage's
+    output, on its device: the reverse device maps bring it to the driver's) travels back
+    along the chain; async_execution frees this RPC thread meanwhile.
+    """
+    stage = _LOCAL_STAGES[stage_id]
+    with on_device_stream(stage.device):  # y is sent or returned as ready on the stage's stream
+        y = stage.compute(seq, x, training)
+        if stage.next_stage is None:
+            # With its devices named, the future records y as ready on this stream.
+            done = torch.futures.Future(devices=[stage.device] if stage.device.type == "cuda" else None)
+            done.set_result(y)
+            return done
+        worker, next_id = stage.next_stage
+        return rpc.rpc_async(worker, forward_on_stage, args=(next_id, seq, y, training))

@@ -1,0 +1,179 @@
+"""The training loop, run by the driver against any engine (pipeline, or a local reference).
+
+An engine offers `train_step(x, y)` and `eval_step(x, y)` returning a `StepResult`; the loop
+owns epochs, step limits, validation, metrics and the progress bar.
+"""
+
+import itertools
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from rpc_train.config.schema import TrainerConf
+from rpc_train.config.errors import RunFailure
+from rpc_train.metrics.tensorboard import RunLogger
+
+log = logging.getLogger(__name__)
+
+
+class _Window:
+    """Running sums between two log points."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = self.samples = self.correct = 0
+        self.loss = self.seconds = 0.0
+        self.stats: Dict[str, float] = defaultdict(float)
+
+    def add(self, result, samples: int, seconds: float) -> None:
+        self.steps += 1
+        self.samples += samples
+        self.correct += result.correct
+        self.loss += result.loss
+        self.seconds += seconds
+        for key, value in result.stats.items():
+            self.stats[key] += value
+
+    def scalars(self) -> Dict[str, float]:
+        out = {
+            "train/loss": self.loss / self.steps,
+            "train/accuracy": self.correct / self.samples,
+            "throughput/samples_per_s": self.samples / self.seconds,
+            "time/step_ms": 1e3 * self.seconds / self.steps,
+        }
+        for key, value in self.stats.items():
+            out[key if key == "lr" or "/" in key else f"train/{key}"] = value / self.steps
+        return out
+
+
+def evaluate(engine, val_loader: DataLoader) -> Dict[str, float]:
+    """Validation loss (per sample) and accuracy of any engine with an `eval_step`."""
+    loss = correct = count = 0
+    for x, y in val_loader:
+        result = engine.eval_step(x, y)
+        loss, correct, count = loss + result.loss, correct + result.correct, count + len(y)
+    return {"val/loss": loss / count, "val/accuracy": correct / count}
+
+
+def validate_and_log(engine, val_loader: DataLoader, logger: Optional[RunLogger], final: Dict[str, float],
+                     epoch: int, step: int) -> None:
+    """Evaluate at an epoch's end, say so, log it (flushed), and record it in `final`."""
+    scalars = evaluate(engine, val_loader)
+    log.info("epoch %d step %d: val loss %.4f, val accuracy %.4f",
+             epoch, step, scalars["val/loss"], scalars["val/accuracy"])
+    if logger:
+        logger.scalars(step, scalars)
+        logger.flush()
+    final.update(scalars)
+
+
+@dataclass
+class Position:
+    """Where training stands: what a checkpoint records so a resumed run sees the same batches."""
+
+    step: int = 0  # optimizer steps done; skipped non-finite steps count too
+    epoch: int = 0
+    batch: int = 0  # batches of `epoch` done
+    # The shuffling generator's state when `epoch` began; None until an epoch has begun.
+    loader_state: Optional[torch.Tensor] = None
+    skipped: int = 0  # steps skipped for a non-finite loss (trainer.skip_nonfinite)
+
+
+class Trainer:
+    def __init__(self, engine, train_loader: DataLoader, val_loader: DataLoader,
+                 cfg: TrainerConf, logger: Optional[RunLogger] = None,
+                 hooks: Sequence[Callable[[int, object], None]] = (), start: Optional[Position] = None):
+        """`hooks` are called as hook(step, result) after every training step. `start` (from a
+        checkpoint) is where to go on from; the loop advances that object in place."""
+        self.engine, self.cfg, self.logger, self.hooks = engine, cfg, logger, list(hooks)
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.position = start if start is not None else Position()
+        self.final: Dict[str, float] = {}
+
+    @property
+    def step(self) -> int:
+        return self.position.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.position.step = value
+
+    def total_steps(self) -> int:
+        total = self.cfg.epochs * len(self.train_loader)
+        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+
+    def fit(self) -> Dict[str, float]:
+        total = self.total_steps()
+        window, started = _Window(), time.perf_counter()
+        bar = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=not self.cfg.progress,
+                   dynamic_ncols=True)
+        with bar:
+            for epoch in range(self.position.epoch, self.cfg.epochs):
+                for x, y in self._batches(epoch):
+                    if self.step >= total:
+                        break
+                    t0 = time.perf_counter()
+                    result = self.engine.train_step(x, y)
+                    if self._applied(result):
+                        window.add(result, len(y), time.perf_counter() - t0)
+                    self.step += 1
+                    self.position.batch += 1
+                    bar.update()
+                    for hook in self.hooks:
+                        hook(self.step, result)
+                    if self.step % self.cfg.log_every == 0 or self.step == total:
+                        scalars = window.scalars() if window.steps else {}
+                        if self.cfg.skip_nonfinite:
+                            scalars["train/skipped_steps"] = self.position.skipped
+                        bar.set_postfix(loss=f"{scalars.get('train/loss', math.nan):.4f}", epoch=epoch)
+                        self._log(scalars)
+                        self.final.update(scalars)
+                        window.reset()
+                validate_and_log(self.engine, self.val_loader, self.logger, self.final, epoch, self.step)
+                if self.step >= total:
+                    break
+        self.final["time/total_s"] = time.perf_counter() - started
+        return self.final
+
+    def _batches(self, epoch: int) -> Iterable:
+        """This epoch's batches, less those a resumed run already trained on.
+
+        Restoring the shuffling generator to its state at the epoch's start makes the loader
+        draw the same order again; the batches done are then skipped (read, not trained on).
+        """
+        position, generator = self.position, self.train_loader.generator
+        if epoch == position.epoch and position.loader_state is not None:
+            generator.set_state(position.loader_state)
+            return itertools.islice(self.train_loader, position.batch, None)
+        position.epoch, position.batch = epoch, 0
+        position.loader_state = generator.get_state() if generator is not None else None
+        return self.train_loader
+
+    def _applied(self, result) -> bool:
+        """False for a step skipped for its non-finite loss; raises unless such steps may be skipped."""
+        if math.isfinite(result.loss) and not result.skipped:
+            return True
+        at = self.step + 1
+        if not result.skipped:  # an engine that stepped anyway: nothing to keep
+            raise RunFailure(f"non-finite loss ({result.loss}) at step {at}, already applied by the optimizers; "
+                             "lower optim.lr")
+        if not self.cfg.skip_nonfinite:
+            raise RunFailure(f"non-finite loss ({result.loss}) at step {at}; no optimizer stepped on it and "
+                             "no checkpoint is written after it; lower optim.lr, or set "
+                             "trainer.skip_nonfinite=true to skip such steps")
+        self.position.skipped += 1
+        log.warning("non-finite loss (%s) at step %d: skipped (trainer.skip_nonfinite=true)", result.loss, at)
+        return False
+
+    def _log(self, scalars: Dict[str, float]) -> None:
+        if self.logger:
+            self.logger.scalars(self.step, scalars)
