@@ -22,7 +22,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from rpc_train.config.compose import CONF_DIR
 from rpc_train.config.schema import register_configs
+from rpc_train.metrics.table import format_table
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ class SweepSummary(Callback):
             writer = csv.DictWriter(f, SUMMARY_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.rows)
-        print(format_table(self.rows), flush=True)
+        print(format_table(self.rows, SUMMARY_COLUMNS[:-1], cell=_cell), flush=True)
         SweepSummary.failed = sum(1 for row in self.rows if row.get("status") != "ok")
         print(f"sweep: {len(self.rows) - SweepSummary.failed} of {len(self.rows)} jobs passed; "
               f"summary in {path}", flush=True)
@@ -83,14 +85,7 @@ def _cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def format_table(rows: List[Dict[str, Any]]) -> str:
-    columns = SUMMARY_COLUMNS[:-1]
-    cells = [columns] + [[_cell(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in cells)
-
-
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> Dict[str, Any]:
     return run_job(cfg)
 

@@ -12,6 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from rpc_train.config.compose import CONF_DIR
 from rpc_train.config.schema import register_configs
 from rpc_train.config.errors import ConfigError, RunFailure
 from rpc_train.config.validate import validate
@@ -24,7 +25,8 @@ def train(cfg: DictConfig) -> Optional[dict]:
     # Imported here so `--help` and `--cfg job` answer without loading torch.
     from rpc_train.driver import drive
     from rpc_train.runtime.roles import stage_device_maps
-    from rpc_train.runtime.session import World, configure_process, rpc_session
+    from rpc_train.runtime.session import rpc_session
+    from rpc_train.runtime.world import World, configure_process
 
     world = World.from_env()
     validate(cfg, world.size)
@@ -35,7 +37,7 @@ def train(cfg: DictConfig) -> Optional[dict]:
     return None
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)

@@ -2,29 +2,26 @@
 
 A profile of the per-micro-batch path of `PipelineEngine` (driver + K stages on this machine,
 a model small enough that messaging dominates): each row adds one piece to the previous one,
-so the differences say what each piece costs. A profiling tool: it reaches into the engine's
-micro-batch method and sequence counter to time them alone.
+so the differences say what each piece costs. It times the engine's own micro-batch path
+(`submit_micro_batch`) and numbers its bare forwards as the engine does (`take_seq`).
 """
 
 import argparse
 import statistics
 import threading
 import time
-from concurrent.futures import Future
 from typing import Callable, Dict, List
 
 import torch
 import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
-import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 
 from rpc_train.bench.rpc import echo, median_s
 from rpc_train.runtime.local_world import run_in_local_world
-from rpc_train.config.schema import register_configs
 from rpc_train.pipeline.engine import PipelineEngine
-from rpc_train.config.preflight import CONF_DIR
+from rpc_train.config.compose import compose
 from rpc_train.pipeline.stage import forward_on_stage
+from rpc_train.training.loss import loss_of
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -36,10 +33,8 @@ def _rows(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, repeats: int
     x, y = x.to(engine.device), y.to(engine.device)  # where the engine keeps them (a GPU with device=cuda)
 
     def forward(training: bool) -> torch.Tensor:
-        # Stages take micro-batches in the engine's sequence order: number them as it would.
-        out = rpc.rpc_sync(first, forward_on_stage, args=(0, engine._seq, x, training))
-        engine._seq += 1
-        return out
+        # Stages take micro-batches in the engine's sequence order: number them as it does.
+        return rpc.rpc_sync(first, forward_on_stage, args=(0, engine.take_seq(), x, training))
 
     def in_context() -> None:
         with dist_autograd.context():
@@ -47,16 +42,14 @@ def _rows(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, repeats: int
 
     def with_backward() -> None:
         with dist_autograd.context() as context_id:
-            loss = F.cross_entropy(forward(True), y)
+            loss = loss_of(forward(True), y)
             loss.item()
             dist_autograd.backward(context_id, [loss])
 
     def on_engine_thread() -> None:
-        # The engine's own micro-batch method on its pool thread; the context closes at release.
-        release, report = threading.Event(), Future()
-        engine._pool.submit(engine._micro_batch, engine._seq, x, y, len(y), release, report)
-        engine._seq += 1
-        report.result()
+        # The engine's own micro-batch path on its pool thread; the context closes at release.
+        release = threading.Event()
+        engine.submit_micro_batch(x, y, len(y), release).result()
         release.set()
 
     rows = [("RPC round trip, driver <-> stage 0", median_ms(lambda: rpc.rpc_sync(first, echo, args=(x,)), repeats)),
@@ -105,14 +98,12 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=200, help="timed calls per row")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
     args = p.parse_args(argv)
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            f"model={args.model}", "data=synthetic", f"trainer.batch_size={args.batch_size}",
-            "pipeline.micro_batches=1", "pipeline.stages=2", "runtime.threads=1", "runtime.rpc_timeout_s=60",
-            # Some rows run forwards without a backward: under 1f1b the stages would (rightly)
-            # hold back the third such forward until a backward ends, and none ever does.
-            "pipeline.schedule=gpipe", *args.override])
+    cfg = compose([
+        f"model={args.model}", "data=synthetic", f"trainer.batch_size={args.batch_size}",
+        "pipeline.micro_batches=1", "pipeline.stages=2", "runtime.threads=1", "runtime.rpc_timeout_s=60",
+        # Some rows run forwards without a backward: under 1f1b the stages would (rightly)
+        # hold back the third such forward until a backward ends, and none ever does.
+        "pipeline.schedule=gpipe", *args.override])
     rows = run_in_local_world(cfg, 3, measure, (args.repeats,), timeout_s=600)
     print(f"torch {torch.__version__}, driver + 2 stages on this machine, model={args.model}, "
           f"batch {args.batch_size}, medians")

@@ -12,14 +12,12 @@ from typing import List
 
 import torch
 import torch.multiprocessing as mp
-from hydra import compose, initialize_config_dir
 
 from rpc_train.runtime.allocator import configure_allocator
 from rpc_train.bench.pipeline import draw_batches, time_steps
-from rpc_train.config.schema import register_configs
 from rpc_train.training.local import LocalEngine
-from rpc_train.config.preflight import CONF_DIR
-from rpc_train.runtime.session import usable_cores
+from rpc_train.config.compose import compose
+from rpc_train.runtime.world import usable_cores
 
 
 def _job(cfg, warmup: int, steps: int, start, results) -> None:
@@ -55,10 +53,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args(argv)
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            f"model={args.model}", "data=synthetic", f"trainer.batch_size={args.batch_size}"])
+    cfg = compose([
+        f"model={args.model}", "data=synthetic", f"trainer.batch_size={args.batch_size}"])
     print(f"torch {torch.__version__}, {usable_cores()} usable cores, model={args.model}, "
           f"batch {args.batch_size}, one thread per job, medians")
     alone = None

@@ -14,13 +14,13 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from rpc_train.runtime.allocator import configure_allocator
 from rpc_train.runtime.local_world import free_port
 from rpc_train.training.builders import build_model, build_optimizer
 from rpc_train.pipeline.partition import stage_bounds
+from rpc_train.training.loss import loss_of
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -29,7 +29,7 @@ def _schedule(stage, name: str, micro_batches: int):
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
     cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[name]
-    return cls(stage, n_microbatches=micro_batches, loss_fn=lambda out, y: F.cross_entropy(out, y))
+    return cls(stage, n_microbatches=micro_batches, loss_fn=loss_of)
 
 
 def _timed_steps(schedule, optimizer, rank: int, k: int, batches, steps: int, warmup: int) -> List[float]:

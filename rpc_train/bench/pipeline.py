@@ -16,7 +16,6 @@ import time
 from typing import Dict, List, Optional
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
@@ -25,15 +24,14 @@ from rpc_train.runtime.allocator import configure_allocator
 from rpc_train.bench.bound import add_split_bounds, measure_splits, plan_splits, split_notes
 from rpc_train.bench.peer import peer_medians
 from rpc_train.runtime.local_world import run_in_local_world
-from rpc_train.config.schema import register_configs
 from rpc_train.data.datasets import make_loaders
 from rpc_train.runtime.devices import check_device, mps_running
 from rpc_train.config.errors import ConfigError
 from rpc_train.training.local import LocalEngine
 from rpc_train.pipeline.engine import PipelineEngine
-from rpc_train.config.preflight import CONF_DIR
-from rpc_train.config.preflight import _one_line as one_line
-from rpc_train.runtime.session import World, usable_cores
+from rpc_train.config.compose import compose, one_line
+from rpc_train.metrics.table import format_table
+from rpc_train.runtime.world import World, usable_cores
 from rpc_train.config.validate import validate
 
 # The ratio columns ("vs 1 thread", ...) come from the baseline rows (see `baseline_rows`).
@@ -68,15 +66,13 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
 
 def compose_config(args: argparse.Namespace) -> DictConfig:
     """The config every row shares; checked for each micro-batch count before any process starts."""
-    register_configs()
     overrides = [f"model={args.model}", f"data={args.data}", f"trainer.batch_size={args.batch_size}",
                  f"pipeline.stages={args.stages}", f"device={args.device}",
                  # Stage workers get one thread each: the target is K single-core stages.
                  "runtime.threads=1",
                  # A stuck stage fails the run within a minute instead of hanging it.
                  "runtime.rpc_timeout_s=60", *args.override]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose(overrides)
     check_device(cfg.device)
     for m in args.micro_batches:
         for schedule in args.schedules:
@@ -189,20 +185,6 @@ def machine_line() -> str:
     gpus = (f", {torch.cuda.device_count()}x {torch.cuda.get_device_name()} (MPS {'on' if mps_running() else 'off'})"
             if torch.cuda.is_available() else "")
     return f"machine: {usable_cores()} usable cores, {cpu}{gpus}, torch {torch.__version__}"
-
-
-def _cell(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) and value < 10 else (
-        f"{value:.1f}" if isinstance(value, float) else str(value))
-
-
-def format_table(rows: List[Dict], columns: List[str], headers: List[str]) -> str:
-    cells = [headers] + [[_cell(row[c]) for c in columns] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-             for line in cells]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
 
 
 def stage_notes(rows: List[Dict]) -> str:

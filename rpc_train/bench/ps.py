@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from hydra import compose, initialize_config_dir
 
 from rpc_train.runtime.allocator import configure_allocator
-from rpc_train.config.schema import register_configs
 from rpc_train.data.datasets import make_loaders
 from rpc_train.training.local import LocalEngine
-from rpc_train.config.preflight import CONF_DIR
-from rpc_train.runtime.session import usable_cores
+from rpc_train.config.compose import compose
+from rpc_train.metrics.table import format_table
+from rpc_train.runtime.world import usable_cores
 
-REPO = Path(CONF_DIR).parent
+REPO = Path(__file__).resolve().parents[2]  # the checkout, where launch.sh is
+COLUMNS = ["setup", "trainers", "batch", "rate", "vs_single", "vs_one"]
 HEADERS = ["setup", "trainers", "batch/step", "samples/s", "vs single-process", "vs 1 trainer"]
 
 
@@ -53,9 +53,7 @@ def job_overrides(args: argparse.Namespace) -> List[str]:
 
 def single_process_row(args: argparse.Namespace, trainers: int) -> Dict:
     """This process, every core, one batch of trainers x b per step."""
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*job_overrides(args), f"trainer.batch_size={trainers * args.batch_size}"])
+    cfg = compose([*job_overrides(args), f"trainer.batch_size={trainers * args.batch_size}"])
     torch.set_num_threads(usable_cores())
     configure_allocator(cfg.runtime)
     loader, _ = make_loaders(cfg.data, cfg.trainer.batch_size, cfg.seed)
@@ -101,17 +99,11 @@ def add_ratios(rows: List[Dict]) -> None:
         row["vs_one"] = row["rate"] / first[row["setup"]] if row["trainers"] != "-" else "-"
 
 
-def format_table(rows: List[Dict]) -> str:
-    def cell(v):
-        return f"{v:.2f}" if isinstance(v, float) and v < 100 else (f"{v:.0f}" if isinstance(v, float) else str(v))
-
-    cells = [HEADERS] + [[cell(r[k]) for k in ("setup", "trainers", "batch", "rate", "vs_single", "vs_one")]
-                         for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(HEADERS))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-             for line in cells]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+def _cell(value) -> str:
+    # Rates as whole samples/s, ratios to two decimals.
+    if isinstance(value, float):
+        return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+    return str(value)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -125,7 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"machine: {usable_cores()} usable cores, torch {torch.__version__}; "
           f"{args.servers} server(s), b={args.batch_size}, {args.steps} steps a job, "
           f"overrides: {args.override or '-'}")
-    print(format_table(rows))
+    print(format_table(rows, COLUMNS, HEADERS, _cell))
     return 0
 
 

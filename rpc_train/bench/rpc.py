@@ -15,12 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
 
-from hydra import compose, initialize_config_dir
 
 from rpc_train.runtime.local_world import free_port, run_in_local_world
-from rpc_train.config.schema import register_configs
-from rpc_train.config.preflight import CONF_DIR
-from rpc_train.runtime.session import worker_name
+from rpc_train.config.compose import compose
+from rpc_train.runtime.world import worker_name
 
 MB = 1 << 20
 PEER = worker_name(1)
@@ -110,9 +108,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=200, help="round trips timed for the latency row")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes_mb.split(",")]
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["runtime.threads=1"])
+    cfg = compose(["runtime.threads=1"])
     rows = run_in_local_world(cfg, 2, measure, args=(sizes, args.repeats), timeout_s=600)
     print(f"torch {torch.__version__}, 2 processes on this machine, medians\n{format_rows(rows)}")
 

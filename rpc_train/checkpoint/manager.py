@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from rpc_train.checkpoint.store import (Checkpoint, begin, checkpoint_dir, checkpoints_root, load_file, name_list,
                                   prune, resolve_resume, save_file, write_manifest)
 from rpc_train.config.errors import ConfigError
-from rpc_train.training.loop import Position
+from rpc_train.checkpoint.position import Position
 
 log = logging.getLogger(__name__)
 

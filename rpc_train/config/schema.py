@@ -13,6 +13,19 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 
+# The values some settings take; validate.py checks them, the code that uses them imports them.
+MODES = ("pipeline", "parameter_server")
+DEVICES = ("cpu", "cuda")
+BALANCE_STRATEGIES = ("params", "time")
+SCHEDULES = ("gpipe", "1f1b")
+BALANCE_HELP = "'params', 'time', or a list of layer counts per stage such as [3,2]"
+
+
+def num_stages(pipeline, world_size: int) -> int:
+    """`pipeline.stages`, or every worker when it is null (rank 0 drives, the rest host stages)."""
+    return pipeline.stages or world_size - 1
+
+
 def as_dict(node):
     """A config group as a plain dict, e.g. to send over RPC (None and dicts pass through)."""
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
@@ -70,6 +83,10 @@ class PSConf:
     # Async only: a gradient computed on parameters more than this many updates behind the
     # server is refused; the trainer refreshes its copy and recomputes before pushing again.
     max_staleness: int = 4
+    # A `_target_` config of a callable that every trainer builds and calls as
+    # hook(trainer_id, step) before each of its steps (step counts from 1): for profiling,
+    # custom logging, or fault drills (the tests make a trainer raise or hang this way).
+    step_hook: Any = None
 
 
 @dataclass

@@ -10,12 +10,8 @@ from typing import Iterator, Sequence
 from omegaconf import DictConfig
 
 from rpc_train.config.errors import ConfigError
+from rpc_train.config.schema import BALANCE_HELP, BALANCE_STRATEGIES, DEVICES, MODES, SCHEDULES, num_stages
 
-MODES = ("pipeline", "parameter_server")
-DEVICES = ("cpu", "cuda")
-BALANCE_STRATEGIES = ("params", "time")
-SCHEDULES = ("gpipe", "1f1b")
-BALANCE_HELP = "'params', 'time', or a list of layer counts per stage such as [3,2]"
 
 
 def _positive(name: str, value) -> Iterator[str]:
@@ -93,7 +89,7 @@ def _stage_problems(pipe: DictConfig, world_size: int) -> Iterator[str]:
             yield (f"pipeline.stages={pipe.stages} needs {pipe.stages + 1} processes (a driver and "
                    f"one per stage) but the world has {world_size}; use NPROC={pipe.stages + 1} "
                    f"or pipeline.stages<={world_size - 1}")
-    yield from _balance_problems(pipe.balance, pipe.stages or world_size - 1)
+    yield from _balance_problems(pipe.balance, num_stages(pipe, world_size))
     if pipe.schedule not in SCHEDULES:
         yield f"pipeline.schedule={pipe.schedule}: expected one of {', '.join(SCHEDULES)}"
 

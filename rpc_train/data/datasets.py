@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, TensorDataset
 
 from rpc_train.data.files import check_available
-from rpc_train.config.errors import ConfigError
+from rpc_train.config.errors import ConfigError, first_line
 
 # Per-channel (mean, std) of the training images scaled to [0, 1]: the usual published values.
 # digits' pair is measured over all 1797 images / 16, so it does not depend on the split.
@@ -151,7 +151,7 @@ def _load_raw(data, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         # check_available passed, so the files exist but failed torchvision's md5 check (CIFAR),
         # or the download failed. Its message spans lines and suggests a Python argument, so
         # keep only its first sentence, e.g. "Dataset not found or corrupted".
-        reason = str(err).strip().split("\n")[0].split(". ")[0] or type(err).__name__
+        reason = first_line(err).split(". ")[0]
         folder = os.path.abspath(os.path.expanduser(data.root))
         fix = "replace them with the official files or add data.download=true"
         if data.download:

@@ -20,41 +20,25 @@ import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from rpc_train.training.builders import build_model
-from rpc_train.config.schema import as_dict
-from rpc_train.runtime.devices import bind_cuda_context, driver_device, mps_running, shared_gpu_note, stage_device
+from rpc_train.config.schema import as_dict, num_stages
 from rpc_train.pipeline.partition import plan_stages, stage_bounds
-from rpc_train.runtime.remote import call_all, gather_state
-from rpc_train.runtime.session import worker_name
 from rpc_train.pipeline.stage import StageWorker, forward_on_stage
 from rpc_train.pipeline.timeline import bubble_fraction
+from rpc_train.runtime.devices import bind_cuda_context, driver_device, mps_running, shared_gpu_note, stage_device
+from rpc_train.runtime.remote import call_all, gather_state
+from rpc_train.runtime.world import worker_name
+from rpc_train.training.builders import build_model
+from rpc_train.training.loss import correct_of, loss_of
+from rpc_train.training.protocol import StepResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepResult:
-    loss: float
-    correct: int
-    stats: Dict[str, float] = field(default_factory=dict)
-    # True when the loss was not finite and the optimizer step was not applied.
-    skipped: bool = False
-    # Per stage: (kind "F"/"B", micro-batch seq, start, end) in perf_counter seconds.
-    spans: Optional[List[List[tuple]]] = None
-    started: float = 0.0
-
-
-def num_stages(cfg: DictConfig, world_size: int) -> int:
-    return cfg.pipeline.stages or world_size - 1
 
 
 class PipelineEngine:
@@ -68,7 +52,7 @@ class PipelineEngine:
         """
         self.micro_batches = cfg.pipeline.micro_batches
         self.device = torch.device(driver_device(cfg.device))
-        k = num_stages(cfg, world_size)
+        k = num_stages(cfg.pipeline, world_size)
         # One thread per micro-batch: each holds its autograd context until the step.
         self._pool = ThreadPoolExecutor(self.micro_batches, thread_name_prefix="micro-batch")
         model_cfg = as_dict(cfg.model)
@@ -101,24 +85,18 @@ class PipelineEngine:
 
     def _forward_all(self, x: torch.Tensor, training: bool) -> List[torch.Tensor]:
         chunks = x.to(self.device).tensor_split(min(self.micro_batches, len(x)))
-        futures = []
-        for chunk in chunks:
-            futures.append(rpc.rpc_async(self.workers[0], forward_on_stage,
-                                         args=(0, self._seq, chunk, training)))
-            self._seq += 1
-        return torch.futures.wait_all(futures)
+        return torch.futures.wait_all([rpc.rpc_async(self.workers[0], forward_on_stage,
+                                                     args=(0, self.take_seq(), chunk, training))
+                                       for chunk in chunks])
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         started = time.perf_counter()
         # One host-to-device copy per batch; the micro-batches are views of it.
         x, y = x.to(self.device), y.to(self.device)
         release = threading.Event()
-        reports = []
         try:
-            for cx, cy in zip(x.tensor_split(self.micro_batches), y.tensor_split(self.micro_batches)):
-                reports.append(Future())
-                self._pool.submit(self._micro_batch, self._seq, cx, cy, len(y), release, reports[-1])
-                self._seq += 1
+            reports = [self.submit_micro_batch(cx, cy, len(y), release)
+                       for cx, cy in zip(x.tensor_split(self.micro_batches), y.tensor_split(self.micro_batches))]
             done = [report.result() for report in reports]
             loss = sum(d[1] for d in done)
             if not math.isfinite(loss):
@@ -130,7 +108,20 @@ class PipelineEngine:
             step_ms = 1e3 * (time.perf_counter() - stepping)
         finally:
             release.set()  # the contexts may close now: the stages have read their gradients
-        return self._result(loss, done, per_stage, started, step_ms)
+        return step_result(loss, sum(d[2] for d in done), per_stage, started, step_ms)
+
+    def take_seq(self) -> int:
+        """The next micro-batch's sequence number: stages run micro-batches in this order."""
+        seq, self._seq = self._seq, self._seq + 1
+        return seq
+
+    def submit_micro_batch(self, x: torch.Tensor, y: torch.Tensor, batch: int, release: threading.Event) -> Future:
+        """Start one training micro-batch on a micro-batch thread; its Future gives (context id,
+        loss, correct) once its backward is done. Its context stays open until `release` is set.
+        `batch`: the whole batch's size, which the summed loss is divided by."""
+        report: Future = Future()
+        self._pool.submit(self._micro_batch, self.take_seq(), x, y, batch, release, report)
+        return report
 
     def _micro_batch(self, seq, x, y, batch, release, report: Future) -> None:
         """One micro-batch's forward, loss and backward, in its own autograd context.
@@ -144,33 +135,21 @@ class PipelineEngine:
                 out = rpc.rpc_sync(self.workers[0], forward_on_stage, args=(0, seq, x, True))
                 # Summed, then divided by the whole batch: the micro-batches' losses add up
                 # to the batch's mean loss, so gradients match one pass over the batch.
-                loss = F.cross_entropy(out, y, reduction="sum") / batch
+                loss = loss_of(out, y, reduction="sum") / batch
                 # Even for a non-finite loss (the step is then dropped, not applied): with
                 # 1f1b, later forwards wait at each stage for this backward to end there.
                 dist_autograd.backward(context_id, [loss])
-                report.set_result((context_id, loss.item(), int((out.argmax(1) == y).sum())))
+                report.set_result((context_id, loss.item(), correct_of(out, y)))
                 release.wait()
         except BaseException as err:  # noqa: BLE001 - handed to the driver's thread
             if not report.done():
                 report.set_exception(err)
 
-    def _result(self, loss: float, done, per_stage, started, step_ms: float) -> StepResult:
-        # step_ms: the stages' gradient sums and optimizer steps, after the last backward.
-        stats = {"lr": next(s["lr"] for s in per_stage if s["lr"] is not None), "pipeline/step_ms": step_ms}
-        for i, s in enumerate(per_stage):
-            stats[f"stage{i}/forward_ms"] = s["forward_ms"]
-            stats[f"stage{i}/backward_ms"] = s["backward_ms"]
-            stats[f"stage{i}/page_faults"] = s["page_faults"]
-        spans = [s["spans"] for s in per_stage]
-        stats["pipeline/bubble_fraction"] = bubble_fraction(spans, started, time.perf_counter())
-        return StepResult(loss, sum(d[2] for d in done), stats, spans=spans, started=started)
-
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         logits = torch.cat(self._forward_all(x, training=False))
         y = y.to(self.device)
-        loss = F.cross_entropy(logits, y, reduction="sum").item()
-        return StepResult(loss, int((logits.argmax(1) == y).sum()))
+        return StepResult(loss_of(logits, y, reduction="sum").item(), correct_of(logits, y))
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """The whole model's state, named as in the `models/` class, gathered from the stages."""
@@ -181,7 +160,7 @@ class PipelineEngine:
         self._pool.shutdown(wait=True)
         call_all(self.stages, "release")
 
-    # Checkpoints (rpc_train/checkpointer.py): every stage reads and writes its own share.
+    # Checkpoints (rpc_train/checkpoint/manager.py): every stage reads and writes its own share.
     def save_checkpoint(self, directory: str) -> List[dict]:
         """Each stage writes its file into `directory`, all at once; their manifest records."""
         return call_all(self.stages, "save_checkpoint", directory)
@@ -192,3 +171,23 @@ class PipelineEngine:
 
     def layout(self) -> Dict[str, Any]:
         return {"stages": len(self.stages), "layers_per_stage": list(self.counts), "workers": self.workers}
+
+
+def step_result(loss: float, correct: int, per_stage: List[Dict[str, Any]], started: float,
+                step_ms: float) -> StepResult:
+    """A training step's result from what each stage's optimizer step returned.
+
+    step_ms: the stages' gradient sums and optimizer steps, after the last backward. `lr` is
+    the first stage's that has an optimizer; a model of parameter-free layers only has none.
+    """
+    stats = {"pipeline/step_ms": step_ms}
+    lr = next((s["lr"] for s in per_stage if s["lr"] is not None), None)
+    if lr is not None:
+        stats["lr"] = lr
+    for i, s in enumerate(per_stage):
+        stats[f"stage{i}/forward_ms"] = s["forward_ms"]
+        stats[f"stage{i}/backward_ms"] = s["backward_ms"]
+        stats[f"stage{i}/page_faults"] = s["page_faults"]
+    spans = [s["spans"] for s in per_stage]
+    stats["pipeline/bubble_fraction"] = bubble_fraction(spans, started, time.perf_counter())
+    return StepResult(loss, correct, stats, spans=spans, started=started)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rpc_train.config.errors import ConfigError
-from rpc_train.config.validate import BALANCE_HELP
+from rpc_train.config.schema import BALANCE_HELP
 
 
 def balance_costs(costs: Sequence[float], k: int) -> List[int]:

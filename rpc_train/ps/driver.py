@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List
 
+import torch
 import torch.distributed.rpc as rpc
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -29,9 +30,9 @@ from rpc_train.ps.worker import TrainerWorker
 from rpc_train.runtime.remote import call_all, gather_state
 from rpc_train.runtime.roles import ParameterServerRoles, ps_roles
 from rpc_train.training.loop import validate_and_log
+from rpc_train.training.protocol import FitResult, StepResult
 
 log = logging.getLogger(__name__)
-
 
 
 def build_servers(cfg: DictConfig, roles: ParameterServerRoles, shards: List[List[str]]) -> list:
@@ -48,7 +49,8 @@ def build_trainers(cfg: DictConfig, roles: ParameterServerRoles, shards: List[Li
     heartbeat_s = cfg.runtime.rpc_timeout_s / 4  # well inside the driver's stall limit
     return [rpc.remote(worker, TrainerWorker, args=(
                 i, len(roles.trainers), where, as_dict(cfg.model), as_dict(cfg.data),
-                cfg.trainer.batch_size, cfg.seed, total_steps, cfg.trainer.log_every, heartbeat_s))
+                cfg.trainer.batch_size, cfg.seed, total_steps, cfg.trainer.log_every, heartbeat_s,
+                as_dict(cfg.ps.step_hook)))
             for i, worker in enumerate(roles.trainers)]
 
 
@@ -104,11 +106,25 @@ def start_job(cfg: DictConfig, world_size: int) -> ParameterServerJob:
     return ParameterServerJob(roles, reference, servers, trainers, val_loader, per_epoch, total)
 
 
-class ServerCheckpoints:
-    """The servers as a Checkpointer engine: each server writes and reads its own shard."""
+class ServerEngine:
+    """The servers as the driver sees them: an `Evaluator` and `Checkpointable` engine
+    (training/protocol.py). Its trainers run their own steps, so it has no train_step.
+
+    `pull()` copies the servers' current state into the driver's own model, which
+    `eval_step` then runs; checkpoints are written and read by each server, its own shard.
+    """
 
     def __init__(self, job: ParameterServerJob):
         self.job = job
+
+    def pull(self) -> None:
+        self.job.reference.model.load_state_dict(self.state_dict())
+
+    def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        return self.job.reference.eval_step(x, y)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return gather_state(self.job.servers)
 
     def save_checkpoint(self, directory: str) -> list:
         return call_all(self.job.servers, "save_checkpoint", directory, timeout=0)
@@ -120,11 +136,12 @@ class ServerCheckpoints:
         return {"servers": len(self.job.servers), "trainers": len(self.job.trainers)}
 
 
-def fit_parameter_server(cfg: DictConfig, world_size: int, logger: RunLogger):
+def fit_parameter_server(cfg: DictConfig, world_size: int, logger: RunLogger) -> FitResult:
     """Train to the end; (final metrics, a function that gathers the trained state)."""
     started = time.perf_counter()
     job = start_job(cfg, world_size)
-    checkpoints = Checkpointer(cfg, logger.log_dir, ServerCheckpoints(job), logger)
+    engine = ServerEngine(job)
+    checkpoints = Checkpointer(cfg, logger.log_dir, engine, logger)
     start = checkpoints.resume()
     if start.step:  # the servers hold the checkpoint's state now: trainers re-fetch it
         call_all(job.trainers, "resume", start.step, start.loader_state, start.batch)
@@ -132,7 +149,7 @@ def fit_parameter_server(cfg: DictConfig, world_size: int, logger: RunLogger):
                               cfg.runtime.rpc_timeout_s, job.total, cfg.trainer.progress)
     monitor.start_at(start.step)
     try:
-        run_epochs(cfg, job, monitor, logger, checkpoints)
+        run_epochs(cfg, engine, monitor, logger, checkpoints)
     finally:
         monitor.close()
     stuck = monitor.stuck_trainers()
@@ -142,10 +159,10 @@ def fit_parameter_server(cfg: DictConfig, world_size: int, logger: RunLogger):
                          f"join the shutdown, so the job stops without saving model.pt")
     checkpoints.save()  # the final one, unless the last epoch just saved it
     monitor.final["time/total_s"] = time.perf_counter() - started
-    return monitor.final, lambda: gather_state(job.servers)
+    return monitor.final, engine.state_dict
 
 
-def run_epochs(cfg: DictConfig, job: ParameterServerJob, monitor: ProgressMonitor, logger: RunLogger,
+def run_epochs(cfg: DictConfig, engine: ServerEngine, monitor: ProgressMonitor, logger: RunLogger,
                checkpoints: Checkpointer) -> None:
     """Run the epochs from the checkpointer's position, advancing it after each one.
 
@@ -153,7 +170,7 @@ def run_epochs(cfg: DictConfig, job: ParameterServerJob, monitor: ProgressMonito
     an epoch in which the step count reached a multiple of checkpoint.every_steps (the
     checkpointer saves the end of training too, possibly in the middle of an epoch).
     """
-    position = checkpoints.position
+    job, position = engine.job, checkpoints.position
     done = position.step
     for epoch in range(position.epoch, cfg.trainer.epochs):
         skip = position.batch if epoch == position.epoch else 0
@@ -169,10 +186,6 @@ def run_epochs(cfg: DictConfig, job: ParameterServerJob, monitor: ProgressMonito
         state = job.trainers[min(monitor.live)].rpc_sync().loader_state(not complete)
         position.step, position.loader_state = done, state
         position.epoch, position.batch = (epoch + 1, 0) if complete else (epoch, skip + steps)
-        _validate(job, logger, monitor.final, epoch, done)
+        engine.pull()
+        validate_and_log(engine, job.val_loader, logger, monitor.final, epoch, done)
         checkpoints.save_if_due(before, done)
-
-
-def _validate(job: ParameterServerJob, logger: RunLogger, final: Dict[str, float], epoch: int, step: int) -> None:
-    job.reference.model.load_state_dict(gather_state(job.servers))
-    validate_and_log(job.reference, job.val_loader, logger, final, epoch, step)

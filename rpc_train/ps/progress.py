@@ -8,7 +8,6 @@ step s is logged as one point, as the pipeline logs one step.
 
 import logging
 import queue
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Dict, List
 import torch
 from tqdm import tqdm
 
-from rpc_train.config.errors import RunFailure
+from rpc_train.config.errors import RunFailure, first_line
 from rpc_train.metrics.tensorboard import RunLogger
 from rpc_train.runtime.remote import call_all
 
@@ -168,7 +167,7 @@ class ProgressMonitor:
         try:
             future.wait()
         except Exception as err:  # the trainer raised, died, or its RPC timed out
-            self._lost(i, _first_line(err))
+            self._lost(i, first_line(err))
 
     def _lost(self, i: int, reason: str) -> None:
         who = f"trainer{i} ({self.names[i]})"
@@ -219,17 +218,3 @@ class ProgressMonitor:
 
     def close(self) -> None:
         self._bar.close()
-
-
-def _first_line(err: BaseException) -> str:
-    """`Type: message` of a (possibly remote) exception, without the remote traceback.
-
-    A remote error reads "RuntimeError: On WorkerInfo(...):" then the original exception's
-    repr, e.g. "RuntimeError('injected fault')", then its traceback.
-    """
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    lines = [line for line in lines if "On WorkerInfo(" not in line]
-    if not lines:
-        return type(err).__name__
-    remote = re.fullmatch(r"(\w+)\((['\"])(.*)\2\)", lines[0])
-    return f"{remote.group(1)}: {remote.group(3)}" if remote else lines[0]

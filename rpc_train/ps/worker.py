@@ -16,27 +16,22 @@ import itertools
 import logging
 import math
 import os
-import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed.rpc as rpc
-import torch.nn.functional as F
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from rpc_train.training.builders import build_model
 from rpc_train.data.datasets import load_datasets, make_trainer_loader
 from rpc_train.ps.progress import TrainerReport, record_report
 from rpc_train.ps.server import PushReply, fetch_shard, push_gradients
-from rpc_train.runtime.session import DRIVER
+from rpc_train.runtime.world import DRIVER
+from rpc_train.training.loss import correct_of, loss_of
 
 log = logging.getLogger(__name__)
-
-# Test hook to exercise failures: "<trainer>:<step>" makes that trainer raise at that step,
-# "<trainer>:<step>:stall" makes it stop there without a word, as a hung process would.
-FAULT_ENV = "RPC_TRAIN_FAIL_TRAINER"
-
 
 class Shard:
     """Where one server's part of the model lives, as this trainer sees it."""
@@ -50,7 +45,9 @@ class Shard:
 class TrainerWorker:
     def __init__(self, trainer_id: int, trainers: int, shards: List[Tuple[str, List[str]]],
                  model_cfg: dict, data_cfg: dict, batch_size: int, seed: int,
-                 total_steps: int, log_every: int, heartbeat_s: float):
+                 total_steps: int, log_every: int, heartbeat_s: float, step_hook: Optional[dict] = None):
+        """`step_hook`: the `ps.step_hook` config, a callable built here and called as
+        hook(trainer_id, step) before each step (`step` counts from 1)."""
         self.trainer_id = trainer_id
         self.model = build_model(model_cfg, seed).train()
         self.named = self.model.state_dict(keep_vars=True)
@@ -66,7 +63,7 @@ class TrainerWorker:
         self._resume_at: Optional[Tuple[torch.Tensor, int]] = None
         self.report = TrainerReport(trainer_id)
         self._last_sent = time.monotonic()
-        self._fault_step = _fault_step(trainer_id)
+        self._step_hook = instantiate(step_hook) if step_hook else None
         log.info("trainer %d (pid %d): %d steps per epoch of %d samples", trainer_id, os.getpid(),
                  len(self.loader), batch_size)
 
@@ -108,8 +105,8 @@ class TrainerWorker:
             if taken == steps:
                 break
             taken += 1
-            if self.step + 1 == self._fault_step:
-                _inject_fault(self.step + 1)
+            if self._step_hook is not None:
+                self._step_hook(self.trainer_id, self.step + 1)
             started = time.perf_counter()
             loss, correct = self._train_step(x, y)
             self.report.add(loss, correct, len(y), time.perf_counter() - started)
@@ -139,7 +136,7 @@ class TrainerWorker:
     def _compute(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[float, int, Dict[str, torch.Tensor]]:
         self.model.zero_grad(set_to_none=True)
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = loss_of(logits, y)
         value = loss.item()
         if not math.isfinite(value):
             # Raised before any push: no server ever steps on it, so the last checkpoint stays good.
@@ -148,7 +145,7 @@ class TrainerWorker:
         loss.backward()
         # A parameter the loss never reached still needs a gradient: servers average them all.
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.params.items()}
-        return value, int((logits.argmax(1) == y).sum()), grads
+        return value, correct_of(logits, y), grads
 
     def _push(self, shard: Shard, grads: Dict[str, torch.Tensor]) -> torch.futures.Future:
         buffers = {n: self.named[n].detach() for n in shard.buffers}
@@ -167,14 +164,3 @@ class TrainerWorker:
         # rpc_sync: a few numbers every log_every steps; if the driver is gone, stop here.
         rpc.rpc_sync(DRIVER, record_report, args=(message,))
         self._last_sent = time.monotonic()
-
-
-def _fault_step(trainer_id: int) -> Optional[int]:
-    spec = os.environ.get(FAULT_ENV, "").split(":")
-    return int(spec[1]) if len(spec) >= 2 and int(spec[0]) == trainer_id else None
-
-
-def _inject_fault(step: int) -> None:
-    if os.environ[FAULT_ENV].endswith(":stall"):
-        threading.Event().wait()  # forever: only the driver's stall limit ends this
-    raise RuntimeError(f"injected fault ({FAULT_ENV}) at step {step}")

@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 from omegaconf import DictConfig
 
 from rpc_train.runtime.roles import stage_device_maps
-from rpc_train.runtime.session import World, configure_process, rpc_session
+from rpc_train.runtime.session import rpc_session
+from rpc_train.runtime.world import World, configure_process
 
 # Seconds a graceful RPC shutdown may take after the driver has reported.
 _SHUTDOWN_S = 60.0

@@ -9,14 +9,14 @@ from typing import Dict, List
 
 from omegaconf import DictConfig
 
+from rpc_train.config.schema import num_stages
 from rpc_train.runtime.devices import pipeline_device_maps
-from rpc_train.pipeline.engine import num_stages
-from rpc_train.runtime.session import World, worker_name
+from rpc_train.runtime.world import World, worker_name
 
 
 def stage_of(world: World, cfg: DictConfig):
     """The pipeline stage this rank hosts (rank k+1 hosts stage k), or None."""
-    k = num_stages(cfg, world.size)
+    k = num_stages(cfg.pipeline, world.size)
     return world.rank - 1 if 1 <= world.rank <= k else None
 
 
@@ -26,7 +26,7 @@ def stage_device_maps(cfg: DictConfig, world: World) -> Dict[str, Dict[str, str]
     stage = stage_of(world, cfg)
     if stage is None and not world.is_driver:
         return {}  # a rank past the last stage hosts nothing
-    return pipeline_device_maps(cfg.device, stage, num_stages(cfg, world.size), worker_name(world.rank + 1))
+    return pipeline_device_maps(cfg.device, stage, num_stages(cfg.pipeline, world.size), worker_name(world.rank + 1))
 
 
 @dataclass(frozen=True)

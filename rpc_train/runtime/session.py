@@ -1,8 +1,7 @@
-"""The RPC world: who is who, how many threads each process gets, start and stop.
+"""The RPC session: init_rpc with TensorPipe on entry, shutdown on exit, and ending the job.
 
-Every torchrun process becomes one RPC worker. Rank 0 is the driver; every other rank is a
-worker that hosts what the driver builds on it (a pipeline stage, a parameter shard) and
-otherwise only serves RPCs until the driver ends the job.
+One failing rank must end the whole job: on an error the driver makes every worker exit
+(`abort_workers`) before it shuts down without waiting for them.
 """
 
 import logging
@@ -10,82 +9,16 @@ import os
 import threading
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Dict, Iterator, Optional
 
-import torch
 import torch.distributed.rpc as rpc
 
-from rpc_train.runtime.allocator import configure_allocator
+from rpc_train.config.errors import first_line
 from rpc_train.config.schema import RuntimeConf
 from rpc_train.runtime.liveness import ask_whereabouts, kill_if_sibling, timed_out
+from rpc_train.runtime.world import World, worker_name
 
 log = logging.getLogger(__name__)
-
-DRIVER = "driver"
-
-
-def worker_name(rank: int) -> str:
-    return DRIVER if rank == 0 else f"worker{rank}"
-
-
-@dataclass(frozen=True)
-class World:
-    rank: int
-    size: int
-    local_rank: int
-    local_size: int
-
-    @property
-    def is_driver(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def name(self) -> str:
-        return worker_name(self.rank)
-
-    @classmethod
-    def from_env(cls) -> "World":
-        """The layout torchrun exports; a plain `python` run is a world of one."""
-        env = os.environ
-        size = int(env.get("WORLD_SIZE", 1))
-        return cls(
-            rank=int(env.get("RANK", 0)),
-            size=size,
-            local_rank=int(env.get("LOCAL_RANK", 0)),
-            local_size=int(env.get("LOCAL_WORLD_SIZE", size)),
-        )
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def configure_process(runtime: RuntimeConf, world: World) -> int:
-    """Threads and allocator for this rank, before it builds anything; returns the thread count."""
-    configure_allocator(runtime)
-    return configure_threads(runtime, world)
-
-
-def configure_threads(runtime: RuntimeConf, world: World) -> int:
-    """Give each process its share of the cores, so the local ranks never oversubscribe them.
-
-    The driver mostly waits on RPCs, so the workers share the cores; the driver keeps one
-    thread for the loss and data. Returns the intra-op thread count that was set.
-    """
-    if runtime.threads > 0:
-        threads = runtime.threads
-    elif world.is_driver:
-        threads = 1 if world.size > 1 else usable_cores()
-    else:
-        local_workers = world.local_size - (1 if world.rank < world.local_size else 0)
-        threads = max(1, usable_cores() // max(1, local_workers))
-    torch.set_num_threads(threads)
-    return threads
-
 
 def _quiet_torch_internals() -> None:
     # init_rpc exchanges device maps through a gloo group internally and trips torch's own
@@ -136,7 +69,7 @@ def rpc_session(runtime: RuntimeConf, world: World, device_maps=None) -> Iterato
     except BaseException as err:
         if world.is_driver:
             # Said first: once a worker exits, torchrun may end this process before it prints.
-            log.error("stopping every worker after %s: %s", type(err).__name__, str(err).strip().split("\n")[0])
+            log.error("stopping every worker after %s: %s", type(err).__name__, first_line(err))
             abort_workers(world, whereabouts)
         rpc.shutdown(graceful=False)
         raise

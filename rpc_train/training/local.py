@@ -1,17 +1,21 @@
 """Single-process training of the same model and data: the reference the pipeline must match.
 
-Used by the equivalence tests and as the baseline row of the benchmarks.
+Used by the equivalence tests, by the parameter-server driver for validation, and as the
+baseline row of the benchmarks.
 """
 
 import math
-from typing import Dict
+from typing import Any, Dict, List
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from rpc_train.checkpoint.shares import load_worker_state, save_worker_state
 from rpc_train.training.builders import build_model, build_optimizer
-from rpc_train.pipeline.engine import StepResult
+from rpc_train.training.loss import correct_of, loss_of
+from rpc_train.training.protocol import StepResult
+
+CHECKPOINT_FILE = "local.pt"
 
 
 class LocalEngine:
@@ -26,7 +30,7 @@ class LocalEngine:
         x, y = x.to(self.device), y.to(self.device)
         self.model.train()
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = loss_of(logits, y)
         if not math.isfinite(loss.item()):
             return StepResult(loss.item(), 0, skipped=True)
         self.optimizer.zero_grad(set_to_none=True)
@@ -34,16 +38,30 @@ class LocalEngine:
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        correct = int((logits.argmax(1) == y).sum())
-        return StepResult(loss.item(), correct, {"lr": self.optimizer.param_groups[0]["lr"]})
+        return StepResult(loss.item(), correct_of(logits, y), {"lr": self.optimizer.param_groups[0]["lr"]})
 
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         x, y = x.to(self.device), y.to(self.device)
         self.model.eval()
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y, reduction="sum").item()
-        return StepResult(loss, int((logits.argmax(1) == y).sum()))
+        return StepResult(loss_of(logits, y, reduction="sum").item(), correct_of(logits, y))
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    # Checkpoints in the format the distributed engines write, so either can resume the other.
+    def _param_names(self) -> List[str]:
+        return [name for name, _ in self.model.named_parameters()]
+
+    def save_checkpoint(self, directory: str) -> List[dict]:
+        return [save_worker_state(directory, CHECKPOINT_FILE, self.state_dict(), self.optimizer,
+                                  self._param_names(), self.scheduler, ["local"])]
+
+    def load_checkpoint(self, directory: str, index: Dict[str, str]) -> None:
+        tensors = load_worker_state(directory, index, list(self.model.state_dict()), self.optimizer,
+                                    self._param_names(), self.scheduler, ["local"])
+        self.model.load_state_dict(tensors)
+
+    def layout(self) -> Dict[str, Any]:
+        return {"processes": 1}

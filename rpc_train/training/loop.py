@@ -1,7 +1,7 @@
-"""The training loop, run by the driver against any engine (pipeline, or a local reference).
+"""The training loop, run by the driver against any `Engine` (training/protocol.py).
 
-An engine offers `train_step(x, y)` and `eval_step(x, y)` returning a `StepResult`; the loop
-owns epochs, step limits, validation, metrics and the progress bar.
+The engine runs the steps; the loop owns epochs, step limits, validation, metrics and the
+progress bar.
 """
 
 import itertools
@@ -9,16 +9,16 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional, Sequence
 
-import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from rpc_train.config.schema import TrainerConf
 from rpc_train.config.errors import RunFailure
 from rpc_train.metrics.tensorboard import RunLogger
+from rpc_train.checkpoint.position import Position
+from rpc_train.training.protocol import Engine, Evaluator, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class _Window:
         self.loss = self.seconds = 0.0
         self.stats: Dict[str, float] = defaultdict(float)
 
-    def add(self, result, samples: int, seconds: float) -> None:
+    def add(self, result: StepResult, samples: int, seconds: float) -> None:
         self.steps += 1
         self.samples += samples
         self.correct += result.correct
@@ -55,7 +55,7 @@ class _Window:
         return out
 
 
-def evaluate(engine, val_loader: DataLoader) -> Dict[str, float]:
+def evaluate(engine: Evaluator, val_loader: DataLoader) -> Dict[str, float]:
     """Validation loss (per sample) and accuracy of any engine with an `eval_step`."""
     loss = correct = count = 0
     for x, y in val_loader:
@@ -64,7 +64,7 @@ def evaluate(engine, val_loader: DataLoader) -> Dict[str, float]:
     return {"val/loss": loss / count, "val/accuracy": correct / count}
 
 
-def validate_and_log(engine, val_loader: DataLoader, logger: Optional[RunLogger], final: Dict[str, float],
+def validate_and_log(engine: Evaluator, val_loader: DataLoader, logger: Optional[RunLogger], final: Dict[str, float],
                      epoch: int, step: int) -> None:
     """Evaluate at an epoch's end, say so, log it (flushed), and record it in `final`."""
     scalars = evaluate(engine, val_loader)
@@ -76,20 +76,8 @@ def validate_and_log(engine, val_loader: DataLoader, logger: Optional[RunLogger]
     final.update(scalars)
 
 
-@dataclass
-class Position:
-    """Where training stands: what a checkpoint records so a resumed run sees the same batches."""
-
-    step: int = 0  # optimizer steps done; skipped non-finite steps count too
-    epoch: int = 0
-    batch: int = 0  # batches of `epoch` done
-    # The shuffling generator's state when `epoch` began; None until an epoch has begun.
-    loader_state: Optional[torch.Tensor] = None
-    skipped: int = 0  # steps skipped for a non-finite loss (trainer.skip_nonfinite)
-
-
 class Trainer:
-    def __init__(self, engine, train_loader: DataLoader, val_loader: DataLoader,
+    def __init__(self, engine: Engine, train_loader: DataLoader, val_loader: DataLoader,
                  cfg: TrainerConf, logger: Optional[RunLogger] = None,
                  hooks: Sequence[Callable[[int, object], None]] = (), start: Optional[Position] = None):
         """`hooks` are called as hook(step, result) after every training step. `start` (from a
@@ -158,7 +146,7 @@ class Trainer:
         position.loader_state = generator.get_state() if generator is not None else None
         return self.train_loader
 
-    def _applied(self, result) -> bool:
+    def _applied(self, result: StepResult) -> bool:
         """False for a step skipped for its non-finite loss; raises unless such steps may be skipped."""
         if math.isfinite(result.loss) and not result.skipped:
             return True

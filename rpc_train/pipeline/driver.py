@@ -1,0 +1,27 @@
+"""Pipeline mode on the driver: build the stages, then run the training loop through them."""
+
+from omegaconf import DictConfig
+
+from rpc_train.checkpoint.manager import Checkpointer
+from rpc_train.data.datasets import make_loaders
+from rpc_train.metrics.tensorboard import RunLogger
+from rpc_train.pipeline.engine import PipelineEngine
+from rpc_train.pipeline.timeline import TimelineLogger
+from rpc_train.runtime.liveness import WorkerWatch
+from rpc_train.runtime.world import worker_name
+from rpc_train.training.loop import Trainer
+from rpc_train.training.protocol import FitResult
+
+
+def fit_pipeline(cfg: DictConfig, world_size: int, logger: RunLogger) -> FitResult:
+    workers = [worker_name(rank) for rank in range(1, world_size)]
+    engine = WorkerWatch(PipelineEngine(cfg, world_size), workers, cfg.runtime.rpc_timeout_s)
+    train_loader, val_loader = make_loaders(cfg.data, cfg.trainer.batch_size, cfg.seed)
+    engine.wait_ready()
+    checkpoints = Checkpointer(cfg, logger.log_dir, engine, logger)
+    start = checkpoints.resume()
+    timeline = TimelineLogger(logger, logger.log_dir, cfg.pipeline.timeline_every, cfg.pipeline.trace_step)
+    final = Trainer(engine, train_loader, val_loader, cfg.trainer, logger, hooks=[timeline, checkpoints],
+                    start=start).fit()
+    checkpoints.save()  # the final one, unless the last step just saved it
+    return final, engine.state_dict
