@@ -1,7 +1,7 @@
 """device=cuda for real: stages on the GPU, activations and gradients through TensorPipe device maps.
 
 Skipped on a machine without CUDA (CI has none); run them on a GPU machine with
-`pytest tests/test_cuda.py`. All stages share cuda:0 when there is one GPU.
+`pytest tests/multiprocess/test_cuda.py`. All stages share cuda:0 when there is one GPU.
 """
 
 import shutil
@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 
-from conftest import compose_config, exported_model, launch, ok, read_scalars
-from rpc_train.data.datasets import make_loaders
-from rpc_train.training.local import LocalEngine
-from rpc_train.training.loop import Trainer
+from helpers.events import read_scalars
+from helpers.launching import launch, ok
+from helpers.models import exported_model
+from helpers.reference import initial_state, train_locally
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -22,22 +22,13 @@ STEPS = ["experiment=smoke", "trainer.epochs=1", "device=cuda"]
 ATOL = 1e-4
 
 
-def single_gpu_reference(overrides):
-    cfg = compose_config(overrides)
-    torch.manual_seed(cfg.seed)
-    train_loader, val_loader = make_loaders(cfg.data, cfg.trainer.batch_size, cfg.seed)
-    engine = LocalEngine(cfg, "cuda")
-    Trainer(engine, train_loader, val_loader, cfg.trainer).fit()
-    return engine.state_dict()
-
-
 @pytest.mark.parametrize("schedule, nproc", [("1f1b", 3), ("gpipe", 4)])
 def test_a_cuda_pipeline_matches_single_gpu_training(tmp_path, schedule, nproc):
     overrides = STEPS + ["trainer.max_steps=6", f"pipeline.schedule={schedule}"]
     result = ok(launch(overrides, tmp_path / "run", NPROC=str(nproc)))
     assert "Warning" not in result.stderr, result.stderr[-3000:]
-    piped, reference = exported_model(tmp_path / "run"), single_gpu_reference(overrides)
-    initial = LocalEngine(compose_config(overrides)).state_dict()
+    piped, reference = exported_model(tmp_path / "run"), train_locally(overrides, "cuda")
+    initial = initial_state(overrides)
     assert piped.keys() == reference.keys()
     moved = max((reference[name] - initial[name]).abs().max().item() for name in reference)
     assert moved > 100 * ATOL, "training barely moved the parameters: the comparison would prove nothing"

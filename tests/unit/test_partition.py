@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from probes import InputProbe
+from helpers.probes import InputProbe
 from rpc_train.config.errors import ConfigError
 from rpc_train.pipeline.partition import balance_costs, param_costs, plan_stages, stage_bounds, time_costs
 

@@ -2,14 +2,15 @@
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_scalars
+from helpers.events import read_scalars
+from helpers.launching import REPO
+from rpc_train.runtime.local_world import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -53,12 +54,6 @@ def test_a_failed_job_is_reported_and_the_sweep_goes_on(tmp_path):
     assert rows[0]["status"] == "failed (exit 2)" and rows[1]["status"] == "ok"
     assert "error: pipeline.micro_batches=0" in result.stderr
     assert "1 of 2 jobs passed" in result.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_on_loopback_train_together(tmp_path):

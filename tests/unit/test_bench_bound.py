@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from probes import InputProbe
+from helpers.probes import InputProbe
 from rpc_train.bench.bound import Splits, add_split_bounds, ideal_step_s, stage_costs
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,11 +34,11 @@ def test_stage_costs_run_each_stage_as_the_pipeline_does():
 
 
 def test_one_split_is_planned_per_micro_batch_count():
-    from conftest import compose_config
+    from rpc_train.config.compose import compose
     from rpc_train.bench.bound import plan_splits
 
-    cfg = compose_config(["model=convnet", "data=synthetic", "pipeline.balance=[2,4]"])
+    cfg = compose(["model=convnet", "data=synthetic", "pipeline.balance=[2,4]"])
     assert plan_splits(cfg, 2, [1, 4]) == {1: [2, 4], 4: [2, 4]}
-    cfg = compose_config(["model=convnet", "data=synthetic", "trainer.batch_size=8"])
+    cfg = compose(["model=convnet", "data=synthetic", "trainer.batch_size=8"])
     plans = plan_splits(cfg, 2, [2, 8])
     assert set(plans) == {2, 8} and all(sum(c) == 6 and len(c) == 2 for c in plans.values())

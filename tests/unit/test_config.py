@@ -6,7 +6,8 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
-from conftest import REPO, compose_config
+from rpc_train.config.compose import compose
+from helpers.launching import REPO
 from rpc_train.training.builders import build_optimizer
 from rpc_train.config.errors import ConfigError
 from rpc_train.config.validate import validate
@@ -21,7 +22,7 @@ def options(group: str):
 @pytest.mark.parametrize("model", options("model"))
 @pytest.mark.parametrize("data", ["digits", "cifar10"])
 def test_every_model_builds_for_its_data_and_runs(model, data):
-    cfg = compose_config([f"model={model}", f"data={data}"])
+    cfg = compose([f"model={model}", f"data={data}"])
     net = instantiate(cfg.model)
     assert isinstance(net, torch.nn.Sequential) and len(net) >= 3
     out = net.eval()(torch.randn(2, *cfg.data.shape))
@@ -31,7 +32,7 @@ def test_every_model_builds_for_its_data_and_runs(model, data):
 @pytest.mark.parametrize("optim", options("optim"))
 @pytest.mark.parametrize("scheduler", options("scheduler"))
 def test_every_optimizer_and_scheduler_binds_to_parameters(optim, scheduler):
-    cfg = compose_config([f"optim={optim}", f"scheduler={scheduler}"])
+    cfg = compose([f"optim={optim}", f"scheduler={scheduler}"])
     params = [torch.nn.Parameter(torch.ones(3))]
     optimizer, sched = build_optimizer(params, cfg.optim, cfg.scheduler)
     params[0].grad = torch.ones(3)
@@ -43,7 +44,7 @@ def test_every_optimizer_and_scheduler_binds_to_parameters(optim, scheduler):
 @pytest.mark.parametrize("group", ["data", "mode", "experiment"])
 def test_every_option_composes_and_validates(group):
     for option in options(group):
-        cfg = compose_config([f"{group}={option}"])
+        cfg = compose([f"{group}={option}"])
         validate(cfg, world_size=3)
 
 
@@ -51,7 +52,7 @@ def test_every_option_composes_and_validates(group):
                                       "runtime.rpc_timeout_s=soon", "nonsense=1"])
 def test_typos_and_wrong_types_fail_at_compose_time(override):
     with pytest.raises(ConfigCompositionException):
-        compose_config([override])
+        compose([override])
 
 
 @pytest.mark.parametrize("overrides, world_size, needle", [
@@ -67,5 +68,5 @@ def test_typos_and_wrong_types_fail_at_compose_time(override):
 ])
 def test_validate_names_the_bad_value(overrides, world_size, needle):
     with pytest.raises(ConfigError) as err:
-        validate(compose_config(overrides), world_size)
+        validate(compose(overrides), world_size)
     assert needle in str(err.value) and "\n" not in str(err.value)

@@ -3,24 +3,12 @@
 import pytest
 import torch
 
-from conftest import compose_config, launch
-from rpc_train.data.datasets import make_loaders
-from rpc_train.training.local import LocalEngine
-from rpc_train.training.loop import Trainer
+from helpers.launching import launch
+from helpers.reference import initial_state, train_locally
 
 pytestmark = pytest.mark.timeout(240)
 
 STEPS = ["experiment=smoke", "trainer.max_steps=6", "trainer.epochs=1"]
-
-
-def local_reference(overrides):
-    """The same config trained in this process, no RPC, one batch at a time."""
-    cfg = compose_config(overrides)
-    torch.manual_seed(cfg.seed)
-    train_loader, val_loader = make_loaders(cfg.data, cfg.trainer.batch_size, cfg.seed)
-    engine = LocalEngine(cfg)
-    Trainer(engine, train_loader, val_loader, cfg.trainer).fit()
-    return engine.state_dict()
 
 
 @pytest.mark.parametrize("schedule, micro_batches, nproc, balance", [
@@ -34,9 +22,9 @@ def test_pipeline_matches_single_process(tmp_path, schedule, micro_batches, npro
     result = launch(overrides, tmp_path / "run", NPROC=str(nproc))
     assert result.returncode == 0, result.stderr[-3000:]
     piped = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
-    reference = local_reference(overrides)
+    reference = train_locally(overrides)
     assert piped.keys() == reference.keys()
-    initial = LocalEngine(compose_config(overrides)).state_dict()
+    initial = initial_state(overrides)
     for name, value in reference.items():
         assert not torch.equal(value, initial[name]), f"{name} never trained: the test would prove nothing"
         torch.testing.assert_close(piped[name], value, rtol=0, atol=1e-5, msg=name)

@@ -8,7 +8,7 @@ import sysconfig
 
 import pytest
 
-from conftest import REPO
+from helpers.launching import REPO
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_scalars
+from helpers.events import read_scalars
+from helpers.launching import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 

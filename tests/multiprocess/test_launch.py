@@ -6,7 +6,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import compose_config, event_tags, read_scalars, SMOKE
+from rpc_train.config.compose import compose
+from helpers.events import event_tags, read_scalars
+from helpers.launching import SMOKE
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -75,7 +77,7 @@ def test_smoke_run_shows_the_pipeline_timeline(smoke_run):
 
 def test_exported_model_loads_without_rpc(smoke_run):
     run_dir, _ = smoke_run
-    cfg = compose_config(SMOKE)
+    cfg = compose(SMOKE)
     model = instantiate(cfg.model)
     state = torch.load(run_dir / "model.pt", weights_only=True)
     model.load_state_dict(state)  # strict: every parameter and buffer, named as in models/

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import REPO, launch
+from helpers.launching import launch, REPO
 
 pytestmark = pytest.mark.timeout(120)
 

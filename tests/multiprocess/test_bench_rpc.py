@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers.launching import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

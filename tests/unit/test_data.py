@@ -3,13 +3,13 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dataset_writers import cifar10_md5s, tiny_cifar10_class, write_cifar10, write_mnist
+from helpers.launching import REPO
+from helpers.datasets import cifar10_md5s, tiny_cifar10_class, write_cifar10, write_mnist
 from rpc_train.config.schema import DataConf
 from rpc_train.data.datasets import CHANNEL_STATS, load_datasets, make_loaders, normalise, read_torchvision
 from rpc_train.data.files import DATASETS, check_available
@@ -17,7 +17,7 @@ from rpc_train.config.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(60)
 
-CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
+CONF_DATA = REPO / "conf" / "data"
 MNIST_FAMILY = [("mnist", "MNIST", 0.13), ("fashion_mnist", "FashionMNIST", 0.29)]
 
 
@@ -178,7 +178,7 @@ def test_split_is_the_same_in_another_process():
         "dict(name='synthetic', shape=[1, 4, 4], num_classes=3, size=64)); "
         "print([y.tolist() for _, y in make_loaders(conf, 8, seed=5)[0]])"
     )
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(REPO)
     env = {**os.environ, "PYTHONPATH": root, "PYTHONHASHSEED": "123"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     conf = data_conf("synthetic", shape=[1, 4, 4], num_classes=3, size=64)

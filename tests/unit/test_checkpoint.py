@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import compose_config
+from rpc_train.config.compose import compose
 from rpc_train.checkpoint.store import (MANIFEST, Checkpoint, atomic_write, begin, checkpoint_dir,
                                   damage, newest_intact, prune, resolve_resume, save_file, sha256_of, write_manifest)
 from rpc_train.checkpoint.manager import check_same_model, check_same_optimizer, model_tensors
@@ -138,7 +138,7 @@ def split_mlp(cfg, bounds):
 
 
 def test_optimizer_state_moves_between_layouts_by_name(tmp_path):
-    cfg = compose_config(SMOKE)
+    cfg = compose(SMOKE)
     full, two = split_mlp(cfg, [(0, 3), (3, 5)])
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     for _ in range(3):
@@ -190,9 +190,9 @@ def test_loading_never_runs_pickled_code(tmp_path):
 
 
 def test_a_different_model_is_a_one_line_error_listing_the_differences():
-    cfg = compose_config(SMOKE)
+    cfg = compose(SMOKE)
     saved = {n: {"file": "stage0.pt", "shape": s} for n, s in model_tensors(cfg.model).items()}
-    other = compose_config(SMOKE + ["model.hidden=[256,128]"])
+    other = compose(SMOKE + ["model.hidden=[256,128]"])
     with pytest.raises(ConfigError) as err:
         check_same_model(Checkpoint("ckpt", 1, {"tensors": saved}), other.model)
     message = str(err.value)
@@ -205,13 +205,13 @@ def test_a_different_model_is_a_one_line_error_listing_the_differences():
 
 def test_another_optimizer_class_is_a_clear_error():
     saved = Checkpoint("ckpt", 1, {"config": {"optim": {"_target_": "torch.optim.SGD"}}})
-    check_same_optimizer(saved, compose_config(SMOKE).optim)
+    check_same_optimizer(saved, compose(SMOKE).optim)
     with pytest.raises(ConfigError, match="holds torch.optim.SGD state but optim is torch.optim.Adam"):
-        check_same_optimizer(saved, compose_config(SMOKE + ["optim=adam"]).optim)
+        check_same_optimizer(saved, compose(SMOKE + ["optim=adam"]).optim)
 
 
 def test_model_tensors_leave_the_rng_alone():
-    cfg = compose_config(SMOKE)
+    cfg = compose(SMOKE)
     torch.manual_seed(7)
     before = torch.get_rng_state()
     model_tensors(cfg.model)
@@ -232,7 +232,7 @@ class Snapshot:
 
 @pytest.mark.parametrize("stop_at", [7, 20, 33])  # mid-epoch, at an epoch's end (20 batches), in epoch 2
 def test_a_trainer_started_from_a_position_sees_the_same_batches(stop_at):
-    cfg = compose_config(SMOKE + ["trainer.max_steps=40", "trainer.log_every=100"])
+    cfg = compose(SMOKE + ["trainer.max_steps=40", "trainer.log_every=100"])
 
     def engine_and_loaders():
         torch.manual_seed(cfg.seed)
@@ -260,7 +260,7 @@ def test_a_trainer_started_from_a_position_sees_the_same_batches(stop_at):
 ])
 def test_bad_checkpoint_settings_are_one_line_errors(override, needle):
     with pytest.raises(ConfigError) as err:
-        validate(compose_config([override]), 3)
+        validate(compose([override]), 3)
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 

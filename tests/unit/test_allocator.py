@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers.launching import REPO
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from conftest import compose_config
+from rpc_train.config.compose import compose
 from rpc_train.training.builders import build_model
 from rpc_train.config.errors import ConfigError
 from rpc_train.ps.sharding import shard_by_size, tensor_sizes
@@ -61,7 +61,7 @@ def test_within_four_thirds_of_the_best_split(seed):
 
 @pytest.mark.parametrize("model, servers", [("mlp", 2), ("mlp", 3), ("convnet", 2), ("resnet18", 4)])
 def test_real_models_balance_within_their_largest_tensor(model, servers):
-    cfg = compose_config([f"model={model}", "data=cifar10" if model == "resnet18" else "data=digits"])
+    cfg = compose([f"model={model}", "data=cifar10" if model == "resnet18" else "data=digits"])
     sizes = tensor_sizes(build_model(cfg.model, 0))
     per = loads(sizes, shard_by_size(sizes, servers))
     # Greedy keeps any two servers within one tensor of each other, largest tensor at most.

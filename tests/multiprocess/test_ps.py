@@ -10,12 +10,11 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, compose_config, event_tags, launch, read_scalars
-from rpc_train.data.datasets import load_datasets, make_loaders, make_trainer_loader
-from rpc_train.config.errors import ConfigError
+from rpc_train.config.compose import compose
+from helpers.events import event_tags, read_scalars
+from helpers.launching import launch, REPO
+from helpers.reference import initial_state, train_locally
 from rpc_train.training.local import LocalEngine
-from rpc_train.training.loop import Trainer
-from rpc_train.config.validate import validate
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -28,41 +27,9 @@ SYNC = PS + ["ps.servers=2", "trainer.epochs=2", "trainer.max_steps=12"]
 # it was 0.92-0.95 in six runs.
 ASYNC = PS + ["ps.servers=2", "ps.sync=false", "ps.max_staleness=4", "optim.momentum=0.0",
               "trainer.epochs=6", "trainer.max_steps=60"]
-
-
-@pytest.mark.parametrize("trainers", [2, 3])
-def test_trainer_shards_are_slices_of_the_single_process_batches(trainers):
-    cfg = compose_config(["experiment=smoke"])
-    b = cfg.trainer.batch_size
-    reference, _ = make_loaders(cfg.data, trainers * b, cfg.seed)
-    train, _ = load_datasets(cfg.data, cfg.seed)
-    shards = [make_trainer_loader(train, b, i, trainers, cfg.seed) for i in range(trainers)]
-    for _ in range(3):  # epoch after epoch, each loader run to its end as a training loop does
-        wholes, parts = list(reference), [list(shard) for shard in shards]
-        assert len(wholes) == len(parts[0]) == len(train) // (trainers * b)
-        for t, (x, y) in enumerate(wholes):
-            assert torch.equal(y, torch.cat([part[t][1] for part in parts]))
-            assert torch.equal(x, torch.cat([part[t][0] for part in parts]))
-
-
-@pytest.mark.parametrize("overrides, world_size, needle", [
-    (["ps.servers=3"], 4, "ps.servers=3 leaves no trainer in a world of 4 (NPROC x NNODES): need NPROC >= ps.servers + 2 = 5"),
-    (["ps.servers=1"], 2, "ps.servers=1 leaves no trainer in a world of 2"),
-    (["ps.servers=0"], 4, "ps.servers=0: must be a positive integer"),
-    (["ps.max_staleness=-1"], 4, "ps.max_staleness=-1: must be 0 or more"),
-    (["ps.sync=false", "ps.max_staleness=0"], 4, "ps.max_staleness=0 with ps.sync=false"),
-    (["trainer.skip_nonfinite=true"], 4, "trainer.skip_nonfinite=true: mode=parameter_server stops"),
-    (["device=cuda"], 4, "device=cuda: mode=parameter_server runs on CPU only"),
-])
-def test_validate_names_the_bad_split(overrides, world_size, needle):
-    with pytest.raises(ConfigError) as err:
-        validate(compose_config(["mode=parameter_server", *overrides]), world_size)
-    assert needle in str(err.value) and "\n" not in str(err.value)
-
-
-def test_pipeline_only_settings_do_not_apply_to_the_parameter_server():
-    validate(compose_config(["mode=parameter_server", "pipeline.micro_batches=64",
-                             "pipeline.stages=9", "pipeline.balance=fast"]), 4)
+# Trainer 1 raises, or hangs, just before its 7th step (tests/helpers/faults.py).
+FAIL_AT_7 = "ps.step_hook={_target_:helpers.faults.FailAt,trainer:1,step:7}"
+STALL_AT_7 = "ps.step_hook={_target_:helpers.faults.FailAt,trainer:1,step:7,stall:true}"
 
 
 @pytest.mark.parametrize("args, nproc, needle", [
@@ -78,23 +45,13 @@ def test_launcher_rejects_a_bad_split_in_one_line(tmp_path, args, nproc, needle)
     assert not (tmp_path / "run").exists()
 
 
-def local_reference(overrides, batch_size):
-    """Single-process training, this process, one batch of `batch_size` a step."""
-    cfg = compose_config([*overrides, f"trainer.batch_size={batch_size}"])
-    torch.manual_seed(cfg.seed)
-    train_loader, val_loader = make_loaders(cfg.data, cfg.trainer.batch_size, cfg.seed)
-    engine = LocalEngine(cfg)
-    Trainer(engine, train_loader, val_loader, cfg.trainer).fit()
-    return engine.state_dict()
-
-
 def test_sync_matches_single_process_with_trainers_times_the_batch(tmp_path):
     result = launch(SYNC, tmp_path / "run", NPROC="5")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     served = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
-    b = compose_config(SYNC).trainer.batch_size
-    reference = local_reference(SYNC, 2 * b)
-    initial = LocalEngine(compose_config(SYNC)).state_dict()
+    b = compose(SYNC).trainer.batch_size
+    reference = train_locally([*SYNC, f"trainer.batch_size={2 * b}"])
+    initial = initial_state(SYNC)
     assert served.keys() == reference.keys()
     for name, value in reference.items():
         assert not torch.equal(value, initial[name]), f"{name} never trained: the test would prove nothing"
@@ -135,13 +92,13 @@ def test_async_run_logs_trainers_servers_and_staleness(async_run):
 
 def test_exported_model_loads_without_rpc(async_run):
     run_dir, _ = async_run
-    cfg = compose_config(ASYNC)
+    cfg = compose(ASYNC)
     model = LocalEngine(cfg).model
     model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))  # strict
 
 
 def test_a_failing_trainer_stops_a_sync_job_naming_it(tmp_path):
-    result = launch(PS, tmp_path / "run", timeout=120, NPROC="4", RPC_TRAIN_FAIL_TRAINER="1:7")
+    result = launch(PS + [FAIL_AT_7], tmp_path / "run", timeout=120, NPROC="4")
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr[-3000:]
@@ -150,8 +107,7 @@ def test_a_failing_trainer_stops_a_sync_job_naming_it(tmp_path):
 
 
 def test_a_failing_trainer_is_reported_and_async_training_goes_on(tmp_path):
-    result = launch(PS + ["ps.sync=false"], tmp_path / "run", timeout=120, NPROC="4",
-                    RPC_TRAIN_FAIL_TRAINER="1:7")
+    result = launch(PS + ["ps.sync=false", FAIL_AT_7], tmp_path / "run", timeout=120, NPROC="4")
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "run" / "rank0.log").read_text()
     assert re.search(r"WARNING .*trainer1 \(worker3\) failed and is left out: RuntimeError: injected fault", log)
@@ -182,8 +138,7 @@ def test_a_killed_trainer_process_ends_the_job_promptly(tmp_path):
 
 @pytest.mark.slow
 def test_a_stalled_trainer_stops_a_sync_job_naming_it(tmp_path):
-    result = launch(PS + ["runtime.rpc_timeout_s=10"], tmp_path / "run", timeout=150, NPROC="4",
-                    RPC_TRAIN_FAIL_TRAINER="1:7:stall")
+    result = launch(PS + ["runtime.rpc_timeout_s=10", STALL_AT_7], tmp_path / "run", timeout=150, NPROC="4")
     assert result.returncode == 1
     assert ("error: trainer1 (worker3) failed: no progress report for 10 s (runtime.rpc_timeout_s); "
             "sync mode needs every trainer") in result.stderr, result.stderr[-3000:]
@@ -192,8 +147,8 @@ def test_a_stalled_trainer_stops_a_sync_job_naming_it(tmp_path):
 
 @pytest.mark.slow
 def test_a_stalled_trainer_is_left_out_of_an_async_job_which_then_stops(tmp_path):
-    result = launch(PS + ["ps.sync=false", "runtime.rpc_timeout_s=10"], tmp_path / "run", timeout=150,
-                    NPROC="4", RPC_TRAIN_FAIL_TRAINER="1:7:stall")
+    result = launch(PS + ["ps.sync=false", "runtime.rpc_timeout_s=10", STALL_AT_7], tmp_path / "run",
+                    timeout=150, NPROC="4")
     assert result.returncode == 1
     assert "error: trainer1 (worker3) stopped reporting and never finished" in result.stderr
     scalars = read_scalars(tmp_path / "run")

@@ -9,7 +9,9 @@ import shutil
 import pytest
 import torch
 
-from conftest import assert_same_parameters, exported_model, launch, read_scalars, ok
+from helpers.events import read_scalars
+from helpers.launching import launch, ok
+from helpers.models import assert_same_parameters, exported_model
 from rpc_train.checkpoint.store import damage
 
 pytestmark = pytest.mark.timeout(300)

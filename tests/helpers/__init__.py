@@ -1,0 +1,1 @@
+"""Test helpers: run the real launcher, read real event files, train the single-process reference."""

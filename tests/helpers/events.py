@@ -1,0 +1,22 @@
+"""Read a run's TensorBoard event files back with TensorBoard's own reader."""
+
+from pathlib import Path
+from typing import Dict, List
+
+
+def _accumulator(run_dir: Path, **size_guidance):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance=size_guidance or None)
+    acc.Reload()
+    return acc
+
+
+def read_scalars(run_dir: Path) -> Dict[str, List[tuple]]:
+    """Every scalar in the run's event files, as tag -> [(step, value), ...]."""
+    acc = _accumulator(run_dir, scalars=0, tensors=0)
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def event_tags(run_dir: Path) -> Dict[str, list]:
+    return _accumulator(run_dir).Tags()
