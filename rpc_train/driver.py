@@ -12,14 +12,12 @@ import torch
 from omegaconf import DictConfig
 
 from rpc_train.metrics.tensorboard import RunLogger, flat_hparams
-from rpc_train.runtime.devices import check_device
 
 log = logging.getLogger(__name__)
 
 
 def drive(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     """Train to the end and return the final metrics; workers are only reached by RPC."""
-    check_device(cfg.device)
     torch.manual_seed(cfg.seed)
     # Imported by mode: a pipeline job never loads ps/, nor a parameter-server job pipeline/.
     if cfg.mode.name == "parameter_server":

@@ -24,12 +24,14 @@ def train(cfg: DictConfig) -> Optional[dict]:
     """Run one job on this rank; the driver returns the final metrics, workers None."""
     # Imported here so `--help` and `--cfg job` answer without loading torch.
     from rpc_train.driver import drive
+    from rpc_train.runtime.devices import check_device
     from rpc_train.runtime.roles import stage_device_maps
     from rpc_train.runtime.session import rpc_session
     from rpc_train.runtime.world import World, configure_process
 
     world = World.from_env()
     validate(cfg, world.size)
+    check_device(cfg.device)  # on every rank, before the device maps are built from the GPU count
     configure_process(cfg.runtime, world)
     with rpc_session(cfg.runtime, world, stage_device_maps(cfg, world)):
         if world.is_driver:

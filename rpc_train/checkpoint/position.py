@@ -10,7 +10,10 @@ import torch
 class Position:
     """Where training stands: what a checkpoint records so a resumed run sees the same batches."""
 
-    step: int = 0  # optimizer steps done; skipped non-finite steps count too
+    # Training steps done: batches trained on, including those skipped for a non-finite loss
+    # (trainer.skip_nonfinite). The LR scheduler advances only on applied steps, as the
+    # optimizer does, so a skipped step leaves the learning rate where it was.
+    step: int = 0
     epoch: int = 0
     batch: int = 0  # batches of `epoch` done
     # The shuffling generator's state when `epoch` began; None until an epoch has begun.

@@ -173,6 +173,11 @@ class StageWorker:
             if training:
                 self._forward_spans.append((seq, start, time.perf_counter()))
             return y
+        except BaseException:
+            if training:  # no backward will ever end here for it: give its 1F1B place back
+                with self._turn:
+                    self._in_flight -= 1
+            raise
         finally:
             self._done_turn()
 

@@ -112,6 +112,8 @@ class ServerEngine:
 
     `pull()` copies the servers' current state into the driver's own model, which
     `eval_step` then runs; checkpoints are written and read by each server, its own shard.
+    Checkpoint calls keep the RPC timeout (runtime.rpc_timeout_s): nothing else watches the
+    servers while the driver waits on them.
     """
 
     def __init__(self, job: ParameterServerJob):
@@ -127,10 +129,10 @@ class ServerEngine:
         return gather_state(self.job.servers)
 
     def save_checkpoint(self, directory: str) -> list:
-        return call_all(self.job.servers, "save_checkpoint", directory, timeout=0)
+        return call_all(self.job.servers, "save_checkpoint", directory)
 
     def load_checkpoint(self, directory: str, index: Dict[str, str]) -> None:
-        call_all(self.job.servers, "load_checkpoint", directory, index, timeout=0)
+        call_all(self.job.servers, "load_checkpoint", directory, index)
 
     def layout(self) -> dict:
         return {"servers": len(self.job.servers), "trainers": len(self.job.trainers)}

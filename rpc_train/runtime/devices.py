@@ -23,6 +23,7 @@ def stage_device(device: str, stage: int) -> str:
     """Stage k runs on cuda:(k mod #gpus), so K stages share the GPUs round-robin."""
     if device == "cpu":
         return "cpu"
+    check_device(device)  # a GPU count of 0 must be the one-line error, not a ZeroDivisionError
     return f"cuda:{stage % torch.cuda.device_count()}"
 
 

@@ -6,6 +6,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from helpers.launching import launch, REPO
 
@@ -35,14 +36,21 @@ def test_launcher_rejects_bad_input_in_one_line(tmp_path, args, env, needle):
     assert time.monotonic() - started < 20
 
 
-def test_every_rank_refuses_a_bad_value_even_without_the_launcher(tmp_path):
+@pytest.mark.parametrize("override, needle", [
+    ("pipeline.micro_batches=0", "error: pipeline.micro_batches=0: must be a positive integer"),
+    # Checked before the device maps are built: they divide by the GPU count.
+    pytest.param("device=cuda", "error: device=cuda: no CUDA device is visible to torch on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+])
+def test_every_rank_refuses_a_bad_value_even_without_the_launcher(tmp_path, override, needle):
     """torchrun straight at the entry point: each rank validates before it joins RPC."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
-           "-m", "rpc_train.train", f"hydra.run.dir={tmp_path}", "pipeline.micro_batches=0"]
+           "-m", "rpc_train.train", f"hydra.run.dir={tmp_path}", override]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=90,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode != 0
-    assert result.stderr.count("error: pipeline.micro_batches=0: must be a positive integer") == 1
+    assert result.stderr.count(needle) == 1, result.stderr[-3000:]
+    assert "ZeroDivisionError" not in result.stderr, result.stderr[-3000:]
     # Every rank fails: with exit 2, or with torchrun's SIGTERM once another rank has failed.
     codes = [line.split(":")[1].split()[0] for line in result.stderr.splitlines()
              if line.strip().startswith("exitcode")]

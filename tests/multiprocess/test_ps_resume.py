@@ -6,10 +6,12 @@ import shutil
 import pytest
 import torch
 
+from helpers.hung_server import HANG_S, save_through_a_hung_server
 from helpers.launching import launch, ok
 from helpers.models import assert_same_parameters, exported_model
 from rpc_train.checkpoint.store import damage
 from rpc_train.config.compose import compose
+from rpc_train.runtime.local_world import run_in_local_world
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -66,3 +68,12 @@ def test_async_resume_goes_on_from_the_checkpoint(tmp_path):
     assert f"resumed from {run}/checkpoints/step_{HALF}: step {HALF}" in result.stdout
     assert set(os.listdir(run / "checkpoints")) == {f"step_{HALF}", f"step_{TOTAL}"}
     assert all(torch.isfinite(t).all() for t in exported_model(run).values() if t.is_floating_point())
+
+
+def test_a_hung_server_fails_a_checkpoint_save_within_the_rpc_timeout(tmp_path):
+    # Saves run with no trainer watchdog: only the RPC timeout stands between a stuck server and
+    # a driver that waits for ever.
+    cfg = compose(["mode=parameter_server", "runtime.rpc_timeout_s=2"])
+    waited, error = run_in_local_world(cfg, 2, save_through_a_hung_server, (str(tmp_path),), timeout_s=120)
+    assert waited is not None and waited < HANG_S, "the save waited for the hung server"
+    assert "timeout" in error.lower() or "timed out" in error.lower(), error
