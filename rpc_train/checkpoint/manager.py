@@ -1,14 +1,13 @@
 """The driver's side of checkpoints: resume where a run stopped, save every N steps and at the end.
 
 Save: every worker writes its own share at once (`engine.save_checkpoint`), then the driver
-writes trainer.pt (loop position, RNG state), then the manifest, last (rpc_train/checkpoint.py);
+writes trainer.pt (loop position, RNG state), then the manifest, last (checkpoint/store.py);
 then old checkpoints are pruned. Resume: pick the checkpoint (`checkpoint.resume`), check that
 it holds this model, load every worker's share by name, restore the driver's RNG, and hand the
 Trainer its position so the data order continues exactly.
 
-An engine takes part through `save_checkpoint(directory) -> [file records]`,
-`load_checkpoint(directory, index)` (index: tensor name -> file) and `layout() -> dict`; the
-pipeline's stages implement them, and so do the parameter-server shards (ps/driver.py).
+An engine takes part as a `Checkpointable` (training/protocol.py): the pipeline's stages,
+the parameter-server shards (ps/driver.py) and the single-process reference.
 """
 
 import logging
@@ -70,6 +69,7 @@ class Checkpointer:
     """
 
     def __init__(self, cfg: DictConfig, run_dir: str, engine, logger=None):
+        """`engine`: a `training.protocol.Checkpointable` (not imported: training imports checkpoint)."""
         self.cfg, self.conf, self.engine, self.logger = cfg, cfg.checkpoint, engine, logger
         self.root = checkpoints_root(run_dir)
         self.position = Position()

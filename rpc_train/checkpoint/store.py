@@ -1,7 +1,7 @@
 """Checkpoints on disk: one directory per step, written atomically, listed, verified, pruned.
 
     run_dir/checkpoints/step_<N>/
-        stage0.pt ...   each worker's share, keyed by parameter name (rpc_train/worker_state.py);
+        stage0.pt ...   each worker's share, keyed by parameter name (checkpoint/shares.py);
                         server0.pt ... in parameter-server mode
         trainer.pt      the driver's loop position and RNG state
         manifest.json   written last: step, config, layout, the sha256 of every file, and

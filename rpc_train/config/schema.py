@@ -41,11 +41,11 @@ class RuntimeConf:
     threads: int = 0
     # Network interface TensorPipe listens on (multi-node); null: loopback for one machine.
     interface: Optional[str] = None
-    # TensorPipe transports. "uv" (TCP) by default: the shared-memory "shm" transport polls,
-    # and measured here it burns a third of a core per idle process, on a 2-core machine.
+    # TensorPipe transports. "uv" (TCP) by default: the shared-memory "shm" transport busy-polls,
+    # which costs an idle process a share of a core (docs/benchmarks.md) and sped no step up.
     transports: List[str] = field(default_factory=lambda: ["uv"])
     # Keep freed tensor memory for reuse rather than return it to the OS and fault it back in
-    # on the next micro-batch (glibc only; see rpc_train/allocator.py). Costs the peak heap.
+    # on the next micro-batch (glibc only; see rpc_train/runtime/allocator.py). Costs the peak heap.
     # Benchmarks apply it to every process they time, baselines and peers too.
     hold_freed_memory: bool = True
 

@@ -48,8 +48,9 @@ class _Clock(torch.autograd.Function):
 def _ends_with_graph_task(span: list, ended):
     """The first stage's backward clock: start when the gradient arrives, end with the backward.
 
-    Its input needs no gradient, and a clock on the input would ask for one: the convnet's
-    first block then spent 80% more on its backward computing a gradient nobody reads. So the
+    Its input needs no gradient, and a clock on the input would ask for one: a conv block's
+    backward then also computes its input's gradient, which nobody reads and which costs about
+    as much as the weights' (docs/benchmarks.md has the convnet's figure). So the
     end (`ended(t)`) is taken by a callback that the autograd engine runs once this stage's
     part of the micro-batch's backward is done.
     """
@@ -240,7 +241,7 @@ class StageWorker:
         if _LOCAL_STAGES.get(self.stage_id) is self:
             del _LOCAL_STAGES[self.stage_id]
 
-    # Checkpoints: this stage's share, keyed by names of the full model (rpc_train/worker_state.py),
+    # Checkpoints: this stage's share, keyed by names of the full model (checkpoint/shares.py),
     # so a checkpoint saved with another split of the layers loads here too.
     def _global_name(self, local: str) -> str:
         idx, rest = local.split(".", 1)

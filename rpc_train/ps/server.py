@@ -3,7 +3,7 @@
 The driver creates each `ParameterServer` with `rpc.remote` and keeps the RRef, which owns
 its lifetime and carries the control calls (stats, state). Trainers reach it every step
 through `push_gradients` by server id instead: passing an RRef as an argument would run the
-RRef fork protocol (extra messages) on every call, as in stage.py.
+RRef fork protocol (extra messages) on every call, as in pipeline/stage.py.
 """
 
 import threading
@@ -128,7 +128,7 @@ class ParameterServer:
         return self.fetch()[1]
 
     # Checkpoints: this shard's tensors, optimizer and scheduler state keyed by full-model names
-    # (rpc_train/worker_state.py), the format the pipeline's stages write. Called by the driver
+    # (rpc_train/checkpoint/shares.py), the format the pipeline's stages write. Called by the driver
     # between epochs, when no trainer is pushing.
     def _owner(self) -> list:
         return ["parameter server shard", self.server_id, sorted(self.tensors)]

@@ -1,10 +1,8 @@
 """The trainer role: a model copy, a disjoint shard of the data, fetch-compute-push each step.
 
 Why fetch-compute-push rather than distributed autograd over RRefs to the server-held
-parameters: measured on this 2-core machine (digits MLP, 150k parameters, batch 32, one
-server, one trainer, 1 thread each, the two interleaved over 200 steps), both take the same
-time per step on loopback: 2.5-2.9 ms (fetch-compute-push) against 2.4-2.9 ms (distributed
-autograd), within the noise of a shared machine. What decides it is the message count, which
+parameters: on loopback both take the same time per step, within the noise of a shared
+machine (docs/benchmarks.md, "Parameter server"). What decides it is the message count, which
 loopback hides and a network does not: here a step is one round trip per server (the push's
 reply carries the updated shard, so the fetch rides on it), while distributed autograd needs
 a recorded fetch, a gradient send in backward, a step call and the context release. The push

@@ -4,9 +4,9 @@ glibc's malloc returns large freed blocks to the kernel (munmap, or madvise when
 heap), and the next micro-batch's activations then fault every page back in, zeroed by the
 kernel. A stage allocates on whichever RPC or autograd thread runs the work, and glibc gives
 each thread an arena of its own (up to 8 per core), each growing and trimming its own heap.
-Measured on the convnet's stage 0 (`python -m rpc_train.bench.pipeline` prints the faults per step):
-~7000 page faults per step and stage compute 1.5x slower than in one process; with the
-thresholds and the single arena set here, ~15 faults and the same compute time as one process.
+With the thresholds and the single arena set here a stage stops faulting its activations in
+on every micro-batch and computes as fast as one process (`python -m rpc_train.bench.pipeline`
+prints the faults per step; docs/benchmarks.md has the convnet's figures, before and after).
 The cost: a process keeps the peak of its heap (as PyTorch's CUDA caching allocator does).
 """
 

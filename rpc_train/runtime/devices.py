@@ -39,14 +39,14 @@ def shared_gpu_note(device: str, num_stages: int, gpus: int, mps: bool) -> Optio
 
     Without MPS each process has its own context and the GPU time-slices between them: every
     cross-process hand-off (activations through CUDA IPC, events waited on by another
-    process) then waits for a time slice. On one H200 that made ResNet-50's step 2-3x the
-    single-GPU step; with MPS the same pipeline ran at 0.8-1.3x (README, "On a GPU").
+    process) then waits for a time slice, which multiplies the step (docs/benchmarks.md,
+    "On a GPU", has the figures with and without MPS).
     """
     if device != "cuda" or mps or num_stages <= gpus:
         return None
     return (f"{num_stages} stages share {gpus} GPU(s) in separate processes without NVIDIA MPS, so the GPU "
-            "time-slices between them (2-3x slower steps in the README's benchmark); start MPS first with "
-            "`nvidia-cuda-mps-control -d` (README, 'CPU and GPU')")
+            "time-slices between them (several times slower steps: docs/benchmarks.md); start MPS first "
+            "with `nvidia-cuda-mps-control -d` (README, 'CPU and GPU')")
 
 
 def driver_device(device: str) -> str:

@@ -36,7 +36,7 @@ class ParameterServerRoles:
 
 
 def ps_roles(cfg: DictConfig, world_size: int) -> ParameterServerRoles:
-    """Ranks 1..ps.servers serve parameter shards; the rest train (validate.py checks the split)."""
+    """Ranks 1..ps.servers serve parameter shards; the rest train (config/validate.py checks the split)."""
     servers = cfg.ps.servers
     return ParameterServerRoles(
         servers=[worker_name(rank) for rank in range(1, servers + 1)],
