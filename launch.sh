@@ -53,7 +53,7 @@ for arg in "$@"; do
 done
 
 # Check the config once, here, before any rank starts (one line and exit 2 on a bad value).
-WORLD_SIZE=$((NPROC * NNODES)) "$PYTHON" -m rpc_train.config.preflight "$@"
+WORLD_SIZE=$((NPROC * NNODES)) "$PYTHON" -m rpc_train.preflight "$@"
 
 # One run dir for all ranks, made here: two launches in the same second still get two.
 if [[ -z ${RUN_DIR:-} ]]; then

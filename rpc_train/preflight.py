@@ -1,4 +1,4 @@
-"""`python -m rpc_train.config.preflight [overrides]`: check a launch before torchrun starts it.
+"""`python -m rpc_train.preflight [overrides]`: check a launch before torchrun starts it.
 
 launch.sh runs this once, so a bad override, layout or dataset path gives one clear line and
 exit code 2 in well under a second, instead of the same error from every rank wrapped in
