@@ -83,6 +83,13 @@ class PSConf:
     # Async only: a gradient computed on parameters more than this many updates behind the
     # server is refused; the trainer refreshes its copy and recomputes before pushing again.
     max_staleness: int = 4
+    # Async only: lower the servers' SGD momentum by the momentum asynchrony adds by itself,
+    # about 1 - 1/trainers (Mitliagkas et al. 2016), so that their sum stays optim.momentum.
+    momentum_compensation: bool = True
+    # Async only: a gradient computed `s` updates ago takes 1/s of a step (Zhang et al. 2016).
+    staleness_lr: bool = False
+    # Clip each gradient a server applies (its shard's part) to this L2 norm; null: no clipping.
+    clip_grad_norm: Optional[float] = None
     # A `_target_` config of a callable that every trainer builds and calls as
     # hook(trainer_id, step) before each of its steps (step counts from 1): for profiling,
     # custom logging, or fault drills (the tests make a trainer raise or hang this way).

@@ -103,6 +103,8 @@ def _ps_problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
         fewer = f" or ps.servers<={world_size - 2}" if world_size >= 3 else ""
         yield (f"ps.servers={ps.servers} leaves no trainer in a world of {world_size} (NPROC x NNODES): "
                f"need NPROC >= ps.servers + 2 = {ps.servers + 2} (driver, servers, a trainer){fewer}")
+    if ps.clip_grad_norm is not None and not ps.clip_grad_norm > 0:
+        yield f"ps.clip_grad_norm={ps.clip_grad_norm}: must be a positive norm, or null for no clipping"
     if ps.max_staleness is None or ps.max_staleness < 0:
         yield f"ps.max_staleness={ps.max_staleness}: must be 0 or more (updates a gradient may lag)"
     elif not ps.sync and ps.max_staleness == 0 and world_size - 1 - ps.servers > 1:

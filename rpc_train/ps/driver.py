@@ -10,7 +10,7 @@ see the model exactly at the epoch boundary, in both modes.
 import logging
 import time
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed.rpc as rpc
@@ -23,7 +23,7 @@ from rpc_train.data.datasets import make_loaders
 from rpc_train.config.errors import ConfigError, RunFailure
 from rpc_train.training.local import LocalEngine
 from rpc_train.metrics.tensorboard import RunLogger
-from rpc_train.ps.progress import ProgressMonitor
+from rpc_train.ps.progress import ProgressMonitor, collapse_warning
 from rpc_train.ps.server import ParameterServer
 from rpc_train.ps.sharding import shard_by_size, tensor_sizes
 from rpc_train.ps.worker import TrainerWorker
@@ -31,15 +31,31 @@ from rpc_train.runtime.remote import call_all, gather_state
 from rpc_train.runtime.roles import ParameterServerRoles, ps_roles
 from rpc_train.training.loop import validate_and_log
 from rpc_train.training.protocol import FitResult, StepResult
+from rpc_train.training.staleness import AsyncUpdateRule, compensated_momentum, implicit_momentum, remedy
 
 log = logging.getLogger(__name__)
 
 
+def server_update(cfg: DictConfig, trainers: int) -> Tuple[dict, AsyncUpdateRule]:
+    """The servers' optimizer config and update rule (training/staleness.py). In async mode
+    the momentum is lowered by asynchrony's own (ps.momentum_compensation), and said so."""
+    optim, ps = as_dict(cfg.optim), cfg.ps
+    rule = AsyncUpdateRule(scale_by_staleness=not ps.sync and ps.staleness_lr, clip_grad_norm=ps.clip_grad_norm)
+    if not ps.sync and ps.momentum_compensation and optim.get("momentum"):
+        lowered = compensated_momentum(optim["momentum"], trainers)
+        log.info("async with %d trainers: the servers' momentum is %.3g, optim.momentum=%.3g less the %.3g "
+                 "that asynchrony adds (ps.momentum_compensation)", trainers, lowered, optim["momentum"],
+                 implicit_momentum(trainers))
+        optim = {**optim, "momentum": lowered}
+    return optim, rule
+
+
 def build_servers(cfg: DictConfig, roles: ParameterServerRoles, shards: List[List[str]]) -> list:
     trainers = len(roles.trainers)
+    optim, rule = server_update(cfg, trainers)
     return [rpc.remote(worker, ParameterServer, args=(
-                j, shards[j], as_dict(cfg.model), as_dict(cfg.optim), as_dict(cfg.scheduler) or None,
-                cfg.seed, trainers, cfg.ps.sync, cfg.ps.max_staleness))
+                j, shards[j], as_dict(cfg.model), optim, as_dict(cfg.scheduler) or None,
+                cfg.seed, trainers, cfg.ps.sync, cfg.ps.max_staleness, rule))
             for j, worker in enumerate(roles.servers)]
 
 
@@ -50,8 +66,12 @@ def build_trainers(cfg: DictConfig, roles: ParameterServerRoles, shards: List[Li
     return [rpc.remote(worker, TrainerWorker, args=(
                 i, len(roles.trainers), where, as_dict(cfg.model), as_dict(cfg.data),
                 cfg.trainer.batch_size, cfg.seed, total_steps, cfg.trainer.log_every, heartbeat_s,
-                as_dict(cfg.ps.step_hook)))
+                as_dict(cfg.ps.step_hook), divergence_remedy(cfg)))
             for i, worker in enumerate(roles.trainers)]
+
+
+def divergence_remedy(cfg: DictConfig) -> str:
+    return remedy(cfg.ps.sync, cfg.ps.momentum_compensation, cfg.ps.clip_grad_norm)
 
 
 def plan_steps(cfg: DictConfig, train_size: int, trainers: int) -> tuple:
@@ -173,7 +193,7 @@ def run_epochs(cfg: DictConfig, engine: ServerEngine, monitor: ProgressMonitor, 
     checkpointer saves the end of training too, possibly in the middle of an epoch).
     """
     job, position = engine.job, checkpoints.position
-    done = position.step
+    done, best = position.step, None
     for epoch in range(position.epoch, cfg.trainer.epochs):
         skip = position.batch if epoch == position.epoch else 0
         steps = min(job.per_epoch - skip, job.total - done)
@@ -190,4 +210,9 @@ def run_epochs(cfg: DictConfig, engine: ServerEngine, monitor: ProgressMonitor, 
         position.epoch, position.batch = (epoch + 1, 0) if complete else (epoch, skip + steps)
         engine.pull()
         validate_and_log(engine, job.val_loader, logger, monitor.final, epoch, done)
+        accuracy = monitor.final["val/accuracy"]
+        warning = collapse_warning(best, accuracy, done, monitor.pop_stalest(), divergence_remedy(cfg))
+        if warning:
+            log.warning(warning)
+        best = accuracy if best is None else max(best, accuracy)
         checkpoints.save_if_due(before, done)

@@ -11,7 +11,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -62,6 +62,21 @@ def record_report(report: TrainerReport) -> None:
     _EVENTS.put(("report", report.trainer, report))
 
 
+# Validation accuracy this far below the run's best so far counts as a collapse.
+COLLAPSE = 0.2
+
+
+def collapse_warning(best: Optional[float], now: float, step: int, stalest: Optional[Tuple[int, int]],
+                     remedy: str) -> Optional[str]:
+    """One line for a validation accuracy that collapsed, naming the stalest gradient since the
+    last validation (the likeliest culprit) and what to try; None when nothing collapsed."""
+    if best is None or now >= best - COLLAPSE:
+        return None
+    culprit = (f"; the stalest gradient applied since the last validation was trainer {stalest[1]}'s, "
+               f"staleness {stalest[0]}" if stalest else "")
+    return f"validation accuracy collapsed from {best:.3f} to {now:.3f} at step {step}{culprit}; {remedy}"
+
+
 def staleness_of(reports: List[TrainerReport]) -> List[int]:
     """The staleness of every gradient the servers applied in these windows."""
     return [s for r in reports for s in r.staleness]
@@ -102,6 +117,8 @@ class ProgressMonitor:
         self._bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress,
                          dynamic_ncols=True)
         self._logged_step = 0
+        # (staleness, trainer) of the stalest gradient applied since `pop_stalest`.
+        self._stalest: Optional[Tuple[int, int]] = None
 
     def start_at(self, step: int) -> None:
         """A resumed run: the steps before `step` were trained (and logged) before."""
@@ -157,7 +174,14 @@ class ProgressMonitor:
             done.wait(max(0.0, deadline - time.monotonic()))
         return [f"trainer{i} ({self.names[i]})" for i, f in sorted(self._silent.items()) if not f.done()]
 
+    def pop_stalest(self) -> Optional[Tuple[int, int]]:
+        stalest, self._stalest = self._stalest, None
+        return stalest
+
     def _on_report(self, report: TrainerReport) -> None:
+        if report.staleness:
+            worst = (max(report.staleness), report.trainer)
+            self._stalest = max(self._stalest or worst, worst)
         rate = report.samples / report.seconds
         self.logger.scalars(report.step, {f"trainer{report.trainer}/samples_per_s": rate})
         self._windows.setdefault(report.step, {})[report.trainer] = report

@@ -8,13 +8,14 @@ RRef fork protocol (extra messages) on every call, as in pipeline/stage.py.
 
 import threading
 import time
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed.rpc as rpc
 from torch import nn
 
 from rpc_train.training.builders import build_model, build_optimizer
+from rpc_train.training.staleness import AsyncUpdateRule
 from rpc_train.checkpoint.shares import load_worker_state, save_worker_state
 
 # The servers hosted by this process, by server id, for `push_gradients` and `fetch_shard`.
@@ -29,12 +30,15 @@ class PushReply(NamedTuple):
     version: int  # server updates so far; `state` is the shard at this version
     state: Tensors
     lr: float
+    # (trainer, staleness) of the gradient whose update made `state`; None before any update.
+    made_by: Optional[Tuple[int, int]] = None
 
 
 class ParameterServer:
     def __init__(self, server_id: int, names: List[str], model_cfg: dict, optim_cfg: dict,
                  scheduler_cfg: Optional[dict], seed: int, trainers: int, sync: bool,
-                 max_staleness: int):
+                 max_staleness: int, rule: AsyncUpdateRule = AsyncUpdateRule()):
+        """`rule`: how each gradient is clipped and, in async mode, scaled by its staleness."""
         # Built from the same config and seed as every trainer's copy: identical initial values.
         state = build_model(model_cfg, seed).state_dict(keep_vars=True)
         self.params = {n: state[n] for n in names if isinstance(state[n], nn.Parameter)}
@@ -43,8 +47,9 @@ class ParameterServer:
         self.optimizer, self.scheduler = (build_optimizer(self.params.values(), optim_cfg, scheduler_cfg)
                                           if self.params else (None, None))
         self.server_id = server_id
-        self.trainers, self.sync, self.max_staleness = trainers, sync, max_staleness
+        self.trainers, self.sync, self.max_staleness, self.rule = trainers, sync, max_staleness, rule
         self.version = 0
+        self.made_by: Optional[Tuple[int, int]] = None  # see PushReply
         # Guards the tensors, the version and the pending round. Never held across an RPC or a
         # wait: replies are sent after it is released.
         self._lock = threading.Lock()
@@ -57,7 +62,7 @@ class ParameterServer:
         if self.sync:
             return self._push_sync(trainer, version, grads, buffers)
         done = torch.futures.Future()
-        done.set_result(self._push_async(version, grads, buffers))
+        done.set_result(self._push_async(trainer, version, grads, buffers))
         return done
 
     def _push_sync(self, trainer: int, version: int, grads: Tensors, buffers: Tensors) -> torch.futures.Future:
@@ -78,23 +83,24 @@ class ParameterServer:
             arrived, waiting = [self._round[t] for t in sorted(self._round)], self._waiting
             self._round, self._waiting = {}, []
             # Summed in trainer order, not arrival order, so a run is bit-for-bit repeatable.
-            self._apply(_mean([g for g, _ in arrived]), _mean([b for _, b in arrived]))
+            self._apply(_mean([g for g, _ in arrived]), _mean([b for _, b in arrived]), trainer, 0)
             reply = self._reply(True, 0)
         for waiter in waiting:  # completing a future sends its reply: outside the lock
             waiter.set_result(reply)
         return future
 
-    def _push_async(self, version: int, grads: Tensors, buffers: Tensors) -> PushReply:
+    def _push_async(self, trainer: int, version: int, grads: Tensors, buffers: Tensors) -> PushReply:
         with self._lock:
             staleness = self.version - version
             if staleness > self.max_staleness:
                 return self._reply(False, staleness)  # the trainer recomputes on this state
             # The step runs under the lock: two optimizer steps at once would race on the
             # parameters and momentum buffers. It is in-memory work, never an RPC or a wait.
-            self._apply(grads, buffers)
+            self._apply(grads, buffers, trainer, staleness)
             return self._reply(True, staleness)
 
-    def _apply(self, grads: Tensors, buffers: Tensors) -> None:
+    def _apply(self, grads: Tensors, buffers: Tensors, trainer: int, staleness: int) -> None:
+        self.rule.prepare(grads, staleness)
         for name, param in self.params.items():
             param.grad = grads[name]
         if self.optimizer is not None:
@@ -106,10 +112,11 @@ class ParameterServer:
             for name, value in buffers.items():
                 self.buffers[name].copy_(value)
         self.version += 1
+        self.made_by = (trainer, staleness)
         self._updates_since += 1
 
     def _reply(self, applied: bool, staleness: int) -> PushReply:
-        return PushReply(applied, staleness, self.version, self._snapshot(), self.lr())
+        return PushReply(applied, staleness, self.version, self._snapshot(), self.lr(), self.made_by)
 
     def _snapshot(self) -> Tensors:
         # Copies: the reply is serialized after the lock is released, while the next step may

@@ -38,14 +38,17 @@ class Shard:
         self.server_id, self.worker = server_id, worker
         self.params, self.buffers = params, buffers
         self.version = 0  # the server version this trainer's copy of the shard comes from
+        self.made_by: Optional[Tuple[int, int]] = None  # (trainer, staleness) of that version's update
 
 
 class TrainerWorker:
     def __init__(self, trainer_id: int, trainers: int, shards: List[Tuple[str, List[str]]],
                  model_cfg: dict, data_cfg: dict, batch_size: int, seed: int,
-                 total_steps: int, log_every: int, heartbeat_s: float, step_hook: Optional[dict] = None):
+                 total_steps: int, log_every: int, heartbeat_s: float, step_hook: Optional[dict] = None,
+                 remedy: str = "lower optim.lr"):
         """`step_hook`: the `ps.step_hook` config, a callable built here and called as
-        hook(trainer_id, step) before each step (`step` counts from 1)."""
+        hook(trainer_id, step) before each step (`step` counts from 1). `remedy`: the setting a
+        non-finite loss's error suggests."""
         self.trainer_id = trainer_id
         self.model = build_model(model_cfg, seed).train()
         self.named = self.model.state_dict(keep_vars=True)
@@ -62,6 +65,7 @@ class TrainerWorker:
         self.report = TrainerReport(trainer_id)
         self._last_sent = time.monotonic()
         self._step_hook = instantiate(step_hook) if step_hook else None
+        self._remedy = remedy
         log.info("trainer %d (pid %d): %d steps per epoch of %d samples", trainer_id, os.getpid(),
                  len(self.loader), batch_size)
 
@@ -127,6 +131,7 @@ class TrainerWorker:
             replies: List[PushReply] = torch.futures.wait_all(futures)
             for shard, reply in zip(pending, replies):
                 self._load(shard, reply.version, reply.state)
+                shard.made_by = reply.made_by
                 self.report.note_push(reply.applied, reply.staleness, reply.lr)
             pending = [s for s, r in zip(pending, replies) if not r.applied]
         return first
@@ -138,12 +143,21 @@ class TrainerWorker:
         value = loss.item()
         if not math.isfinite(value):
             # Raised before any push: no server ever steps on it, so the last checkpoint stays good.
-            raise FloatingPointError(f"non-finite loss ({value}) at step {self.step + 1}; lower optim.lr "
-                                     "(trainer.skip_nonfinite applies to mode=pipeline only)")
+            raise FloatingPointError(f"non-finite loss ({value}) at step {self.step + 1} of trainer {self.trainer_id}"
+                                     f"{self._last_update()}; {self._remedy} (trainer.skip_nonfinite "
+                                     "applies to mode=pipeline only)")
         loss.backward()
         # A parameter the loss never reached still needs a gradient: servers average them all.
         grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in self.params.items()}
         return value, correct_of(logits, y), grads
+
+    def _last_update(self) -> str:
+        """Which gradient last changed the parameters this step ran on: the stalest shard's."""
+        made = [(s.made_by[1], s.made_by[0], s.server_id) for s in self.shards if s.made_by is not None]
+        if not made:
+            return ""
+        staleness, trainer, server = max(made)
+        return f", on parameters last updated by trainer {trainer}'s gradient of staleness {staleness} (server {server})"
 
     def _push(self, shard: Shard, grads: Dict[str, torch.Tensor]) -> torch.futures.Future:
         buffers = {n: self.named[n].detach() for n in shard.buffers}
