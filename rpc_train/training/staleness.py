@@ -37,16 +37,18 @@ class AsyncUpdateRule:
         """The fraction of a full step a gradient of this staleness takes (1 for a fresh one)."""
         return 1.0 / max(1, staleness) if self.scale_by_staleness else 1.0
 
-    def prepare(self, grads: Dict[str, torch.Tensor], staleness: int) -> float:
-        """Clip and scale `grads` in place before the optimizer applies them; their norm as received."""
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item() \
-            if grads else 0.0
+    def prepare(self, grads: Dict[str, torch.Tensor], staleness: int) -> None:
+        """Clip and scale `grads` in place before the optimizer applies them.
+
+        The norm is computed only when clipping is on: it is a pass over every gradient on the
+        server's hot path, and a read back of its value."""
         scale = self.step_scale(staleness)
-        if self.clip_grad_norm is not None and norm > self.clip_grad_norm:
-            scale *= self.clip_grad_norm / (norm + 1e-6)
+        if self.clip_grad_norm is not None and grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
+            if norm > self.clip_grad_norm:
+                scale *= self.clip_grad_norm / (norm + 1e-6)
         if scale != 1.0:
             torch._foreach_mul_(list(grads.values()), scale)
-        return norm
 
 
 def remedy(sync: bool, momentum_compensation: bool, clip_grad_norm: Optional[float]) -> str:
