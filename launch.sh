@@ -77,5 +77,32 @@ else
 fi
 
 echo "rpc_train: run dir $RUN_DIR" >&2
-exec "$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS" \
-  -m rpc_train.train "hydra.run.dir=$RUN_DIR" "$@"
+run=("$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS"
+     -m rpc_train.train "hydra.run.dir=$RUN_DIR" "$@")
+
+serving=0
+for arg in "$@"; do [[ $arg == mode=serve ]] && serving=1; done
+if (( ! serving )); then
+  exec "${run[@]}"
+fi
+
+# Serving drains on SIGTERM or Ctrl-C: the signal goes to the front end (rank 0) alone, which
+# answers what it holds and shuts the world down, so every rank and torchrun exit 0. torchrun
+# runs in a session of its own so that Ctrl-C does not reach it (it would kill every rank).
+setsid "${run[@]}" &
+torchrun_pid=$!
+# shellcheck disable=SC2329  # called by the trap below
+drain() {
+  local pid
+  if pid=$(cat "$RUN_DIR/frontend.pid" 2>/dev/null) && kill -TERM "$pid" 2>/dev/null; then
+    echo "rpc_train: draining the front end (pid $pid)" >&2
+  else  # not serving yet: nothing to drain
+    kill -TERM "$torchrun_pid" 2>/dev/null || true
+  fi
+}
+trap drain TERM INT
+while true; do  # a trapped signal ends `wait` early: wait again until torchrun has exited
+  wait "$torchrun_pid" && status=0 || status=$?
+  kill -0 "$torchrun_pid" 2>/dev/null || break
+done
+exit "$status"

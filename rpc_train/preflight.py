@@ -26,6 +26,10 @@ def check(overrides: List[str], world_size: int) -> None:
         from rpc_train.runtime.devices import check_device  # imports torch: only when it matters
 
         check_device(cfg.device)
+    if cfg.mode.name == "serve":
+        from rpc_train.serve.checks import check_serving  # imports torch and grpc: only for serving
+
+        check_serving(cfg.serve)
 
 
 def main(argv: List[str]) -> int:

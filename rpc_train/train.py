@@ -5,8 +5,9 @@ and the workers serve it until it shuts the world down.
 """
 
 import os
+import signal
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -20,10 +21,20 @@ from rpc_train.config.validate import validate
 register_configs()
 
 
+def driver_job(cfg: DictConfig) -> Callable[[DictConfig, int, str], dict]:
+    """Rank 0's job: serving, or training in the configured mode (imported only when needed)."""
+    if cfg.mode.name == "serve":
+        from rpc_train.serve.driver import serve
+
+        return serve
+    from rpc_train.driver import drive
+
+    return drive
+
+
 def train(cfg: DictConfig) -> Optional[dict]:
     """Run one job on this rank; the driver returns the final metrics, workers None."""
     # Imported here so `--help` and `--cfg job` answer without loading torch.
-    from rpc_train.driver import drive
     from rpc_train.runtime.devices import check_device
     from rpc_train.runtime.roles import stage_device_maps
     from rpc_train.runtime.session import rpc_session
@@ -33,9 +44,13 @@ def train(cfg: DictConfig) -> Optional[dict]:
     validate(cfg, world.size)
     check_device(cfg.device)  # on every rank, before the device maps are built from the GPU count
     configure_process(cfg.runtime, world)
+    if cfg.mode.name == "serve" and not world.is_driver:
+        # A replica ends when the front end shuts the world down after draining, not when
+        # torchrun passes a SIGTERM on (launch.sh sends it to the front end alone).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with rpc_session(cfg.runtime, world, stage_device_maps(cfg, world)):
         if world.is_driver:
-            return drive(cfg, world.size, HydraConfig.get().runtime.output_dir)
+            return driver_job(cfg)(cfg, world.size, HydraConfig.get().runtime.output_dir)
     return None
 
 

@@ -14,7 +14,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 # The values some settings take; validate.py checks them, the code that uses them imports them.
-MODES = ("pipeline", "parameter_server")
+MODES = ("pipeline", "parameter_server", "serve")
+ROUTINGS = ("least_loaded", "round_robin", "power_of_two")
 DEVICES = ("cpu", "cuda")
 BALANCE_STRATEGIES = ("params", "time")
 SCHEDULES = ("gpipe", "1f1b")
@@ -97,6 +98,39 @@ class PSConf:
 
 
 @dataclass
+class ServeConf:
+    """mode=serve: rank 0 is a gRPC front end (the Open Inference Protocol), the rest host replicas."""
+
+    # The run directory whose model.pt to serve; null: the newest run under outputs/ that has one.
+    run: Optional[str] = None
+    # The front end listens here; loopback unless told otherwise.
+    host: str = "127.0.0.1"
+    port: int = 8001
+    # The model's name in the protocol; null: the served run's model option (mlp, convnet, ...).
+    model_name: Optional[str] = None
+    # Stages per replica: (workers) / stages replicas, each a pipeline of this many stages.
+    stages: int = 1
+    # Dynamic batching: at most this many rows a batch (a request counts its rows) ...
+    max_batch_size: int = 32
+    # ... and at most this many batches in flight per replica.
+    max_inflight_batches: int = 2
+    # 0: a batch leaves as soon as a replica has room; > 0: wait up to this long to fill it.
+    max_queue_delay_ms: float = 0.0
+    # Rows waiting at most; a request beyond that is refused (RESOURCE_EXHAUSTED) at once.
+    max_queue_size: int = 1024
+    # Which replica takes the next batch: least_loaded (fewest rows in flight), round_robin,
+    # power_of_two (the less loaded of two picked at random).
+    routing: str = "least_loaded"
+    # A replica that raises or takes longer than this is taken out of rotation (its batch is
+    # retried once on another) and probed until it answers again.
+    replica_timeout_s: float = 10.0
+    # Largest request message accepted (MiB); bigger ones get INVALID_ARGUMENT.
+    max_message_mb: float = 16.0
+    # gRPC threads answering requests (each waits for its batch while it is computed).
+    threads: int = 64
+
+
+@dataclass
 class ModeConf:
     name: str = "pipeline"
 
@@ -156,6 +190,7 @@ class Config:
     runtime: RuntimeConf = field(default_factory=RuntimeConf)
     pipeline: PipelineConf = field(default_factory=PipelineConf)
     ps: PSConf = field(default_factory=PSConf)
+    serve: ServeConf = field(default_factory=ServeConf)
     trainer: TrainerConf = field(default_factory=TrainerConf)
     seed: int = 0
     # "cpu" or "cuda"; with cuda, stage k runs on cuda:(k mod #gpus).

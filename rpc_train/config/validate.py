@@ -10,8 +10,7 @@ from typing import Iterator, Sequence
 from omegaconf import DictConfig
 
 from rpc_train.config.errors import ConfigError
-from rpc_train.config.schema import BALANCE_HELP, BALANCE_STRATEGIES, DEVICES, MODES, SCHEDULES, num_stages
-
+from rpc_train.config.schema import BALANCE_HELP, BALANCE_STRATEGIES, DEVICES, MODES, ROUTINGS, SCHEDULES, num_stages
 
 
 def _positive(name: str, value) -> Iterator[str]:
@@ -32,8 +31,8 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
     if trainer.max_steps is not None:
         yield from _positive("trainer.max_steps", trainer.max_steps)
     yield from _checkpoint_problems(cfg)
-    parameter_server = cfg.mode.name == "parameter_server"
-    if not parameter_server:
+    parameter_server, serving = cfg.mode.name == "parameter_server", cfg.mode.name == "serve"
+    if not (parameter_server or serving):
         yield from _micro_batch_problems(cfg.pipeline, trainer.batch_size, cfg.runtime.num_worker_threads)
     if world_size < 2:
         yield (f"world size {world_size} (NPROC x NNODES): rpc_train needs at least 2 processes, "
@@ -41,6 +40,8 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
         return
     if parameter_server:
         yield from _ps_problems(cfg, world_size)
+    elif serving:
+        yield from _serve_problems(cfg.serve, world_size)
     else:
         yield from _stage_problems(cfg.pipeline, world_size)
     if not 0.0 < cfg.data.val_fraction < 1.0:
@@ -119,6 +120,31 @@ def _ps_problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
     if cfg.device != "cpu":
         yield (f"device={cfg.device}: mode=parameter_server runs on CPU only (servers and trainers "
                "exchange CPU tensors); use device=cpu")
+
+
+def _serve_problems(serve: DictConfig, world_size: int) -> Iterator[str]:
+    """A front end on rank 0 and whole replicas of serve.stages workers on the others."""
+    yield from _positive("serve.stages", serve.stages)
+    workers = world_size - 1
+    if serve.stages >= 1 and workers % serve.stages:
+        yield (f"serve.stages={serve.stages} does not divide the {workers} workers (NPROC x NNODES - 1) into "
+               f"replicas; use serve.stages in {[s for s in range(1, workers + 1) if workers % s == 0]} or "
+               f"NPROC x NNODES = {serve.stages * max(1, workers // serve.stages) + 1}")
+    for key in ("max_batch_size", "max_inflight_batches", "max_queue_size", "threads"):
+        yield from _positive(f"serve.{key}", serve[key])
+    if serve.max_queue_size < serve.max_batch_size:
+        yield (f"serve.max_queue_size={serve.max_queue_size} is below serve.max_batch_size={serve.max_batch_size}: "
+               "a full batch could never queue")
+    if serve.max_queue_delay_ms < 0:
+        yield f"serve.max_queue_delay_ms={serve.max_queue_delay_ms}: must be 0 (no wait) or more"
+    if serve.routing not in ROUTINGS:
+        yield f"serve.routing={serve.routing}: expected one of {', '.join(ROUTINGS)}"
+    if not 0 < serve.port < 65536:
+        yield f"serve.port={serve.port}: must be a TCP port, 1-65535"
+    if not serve.replica_timeout_s > 0:
+        yield f"serve.replica_timeout_s={serve.replica_timeout_s}: must be a positive number of seconds"
+    if not serve.max_message_mb > 0:
+        yield f"serve.max_message_mb={serve.max_message_mb}: must be a positive size in MiB"
 
 
 def _balance_problems(balance, stages: int) -> Iterator[str]:

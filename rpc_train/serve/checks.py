@@ -1,0 +1,22 @@
+"""What the launcher checks before a serving job starts: a run to serve, whose files fit, and a free port."""
+
+import socket
+
+from omegaconf import DictConfig
+
+from rpc_train.config.errors import ConfigError
+from rpc_train.serve.source import build_served, served_model
+
+
+def check_serving(conf: DictConfig) -> None:
+    build_served(served_model(conf.run, conf.model_name))
+    check_port_free(conf.host, conf.port)
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise ConfigError(f"serve.port={port}: {host}:{port} is taken or not ours to bind ({err.strerror}); "
+                              "choose a free serve.port, or stop what listens there") from err

@@ -1,0 +1,241 @@
+"""The front end's request path: queue -> dynamic batch -> a replica by `rpc_async` -> replies.
+
+A gRPC handler `submit`s its rows and waits for its `Pending` to be answered. One batching
+thread takes whole requests off the queue into batches of at most `max_batch_size` rows,
+whenever the routing policy finds a replica with room (fewer than `max_inflight_batches` in
+flight), and sends each with `rpc_async`: nothing here blocks on a replica. Replies are split
+back to their requests in the future's callback. A replica that fails or exceeds
+`replica_timeout_s` leaves the rotation (its batch goes once to another) and a prober brings
+it back when it answers again.
+"""
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, List, Optional, Sequence
+
+import grpc
+import torch
+import torch.distributed.rpc as rpc
+
+from rpc_train.config.errors import first_line
+from rpc_train.serve.replica import answer, infer_on_stage
+from rpc_train.serve.routing import Policy, ReplicaLoad
+
+log = logging.getLogger(__name__)
+
+PROBE_EVERY_S = 0.5
+
+
+class Refused(Exception):
+    """A request the queue cannot take: RESOURCE_EXHAUSTED (full) or UNAVAILABLE (draining, no replica)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class Pending:
+    """One request's rows, waiting for their logits."""
+
+    rows: torch.Tensor
+    deadline: Optional[float]  # time.monotonic() after which nobody waits for it
+    enqueued: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    logits: Optional[torch.Tensor] = None
+    batch_rows: int = 0
+    error: Optional[Refused] = None
+    abandoned: bool = False  # its caller stopped waiting: never compute it
+
+    def finish(self, logits: Optional[torch.Tensor] = None, batch_rows: int = 0,
+               error: Optional[Refused] = None) -> None:
+        self.logits, self.batch_rows, self.error = logits, batch_rows, error
+        self.done.set()
+
+
+@dataclass
+class Replica(ReplicaLoad):
+    workers: Sequence[str] = ()  # its stages' workers, first to last
+
+
+@dataclass(frozen=True)
+class BatchingLimits:
+    max_batch_size: int
+    max_inflight_batches: int
+    max_queue_delay_s: float
+    max_queue_rows: int
+    replica_timeout_s: float
+
+
+class Dispatcher:
+    def __init__(self, replicas: List[Replica], policy: Policy, limits: BatchingLimits,
+                 on_batch: Callable[[int, int], None] = lambda replica, rows: None):
+        """`on_batch(replica, rows)` is told of every batch sent (for logs and metrics)."""
+        self.replicas, self.policy, self.limits, self.on_batch = replicas, policy, limits, on_batch
+        self._cv = threading.Condition()
+        self._queue: Deque[Pending] = deque()
+        self._queued_rows = 0
+        self._accepting, self._stopped = True, threading.Event()
+        self._threads = [threading.Thread(target=self._batch_forever, name="batcher", daemon=True),
+                         threading.Thread(target=self._probe_forever, name="prober", daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    # -- the handlers' side
+    def ready(self) -> bool:
+        return self._accepting and any(r.in_rotation for r in self.replicas)
+
+    def submit(self, rows: torch.Tensor, deadline: Optional[float]) -> Pending:
+        pending = Pending(rows, deadline)
+        with self._cv:
+            if not self._accepting:
+                raise Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")
+            if not any(r.in_rotation for r in self.replicas):
+                raise Refused(grpc.StatusCode.UNAVAILABLE, "no replica is in rotation; retry shortly")
+            if self._queued_rows + len(rows) > self.limits.max_queue_rows:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the queue holds {self._queued_rows} rows and serve.max_queue_size="
+                              f"{self.limits.max_queue_rows}; retry later")
+            self._queue.append(pending)
+            self._queued_rows += len(rows)
+            self._cv.notify_all()
+        return pending
+
+    def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests, answer every queued and in-flight one, stop; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            self._accepting = False
+            self._cv.notify_all()
+            while self._queue or any(r.batches_in_flight for r in self.replicas):
+                if not self._cv.wait(max(0.0, deadline - time.monotonic())):
+                    break
+            drained = not self._queue and not any(r.batches_in_flight for r in self.replicas)
+        self._stopped.set()
+        with self._cv:
+            self._cv.notify_all()
+        return drained
+
+    # -- the batching thread
+    def _ready_replicas(self) -> List[Replica]:
+        return [r for r in self.replicas if r.can_take(self.limits.max_inflight_batches)]
+
+    def _batch_forever(self) -> None:
+        while not self._stopped.is_set():
+            with self._cv:
+                while not (self._queue and self._ready_replicas()) and not self._stopped.is_set():
+                    self._cv.wait(PROBE_EVERY_S)
+                if self._stopped.is_set():
+                    return
+                self._fill_wait()
+                ready = self._ready_replicas()  # again: the wait for a fuller batch let go of the lock
+                batch = self._take_batch() if ready else []
+                if not batch:
+                    continue
+                replica = self.policy(ready)
+                self._count(replica, batch, +1)
+            self._send(replica, batch, retried=False)
+
+    def _fill_wait(self) -> None:
+        """With serve.max_queue_delay_ms > 0, hold the batch until it fills or its oldest request
+        has waited that long (called with the lock held)."""
+        delay = self.limits.max_queue_delay_s
+        while delay > 0 and self._queue and self._queued_rows < self.limits.max_batch_size:
+            left = self._queue[0].enqueued + delay - time.monotonic()
+            if left <= 0 or self._stopped.is_set():
+                return
+            self._cv.wait(left)
+
+    def _take_batch(self) -> List[Pending]:
+        """Whole requests from the queue's head, up to max_batch_size rows; expired ones are
+        dropped with DEADLINE_EXCEEDED, never computed (called with the lock held)."""
+        batch, rows, now = [], 0, time.monotonic()
+        while self._queue and rows + len(self._queue[0].rows) <= self.limits.max_batch_size:
+            pending = self._queue.popleft()
+            self._queued_rows -= len(pending.rows)
+            if pending.abandoned or (pending.deadline is not None and pending.deadline <= now):
+                pending.finish(error=Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                             "the deadline passed while the request was queued"))
+                continue
+            batch.append(pending)
+            rows += len(pending.rows)
+        return batch
+
+    def _count(self, replica: Replica, batch: List[Pending], sign: int) -> None:
+        replica.batches_in_flight += sign
+        replica.rows_in_flight += sign * sum(len(p.rows) for p in batch)
+
+    # -- a batch on a replica
+    def _send(self, replica: Replica, batch: List[Pending], retried: bool) -> None:
+        rows = torch.cat([p.rows for p in batch]) if len(batch) > 1 else batch[0].rows
+        self.on_batch(replica.replica, len(rows))
+        try:
+            future = rpc.rpc_async(replica.workers[0], infer_on_stage, args=(replica.replica, 0, rows),
+                                   timeout=self.limits.replica_timeout_s)
+        except RuntimeError as err:  # the agent knows the connection is gone
+            self._answered(replica, batch, retried, None, err)
+            return
+        future.add_done_callback(lambda f: self._answered(replica, batch, retried, f, None))
+
+    def _answered(self, replica: Replica, batch: List[Pending], retried: bool, future, error) -> None:
+        try:
+            logits = future.wait() if error is None else None
+        except Exception as err:  # noqa: BLE001 - the replica raised, died or timed out
+            error = err
+        with self._cv:
+            self._count(replica, batch, -1)
+            if error is None:
+                replica.served += 1
+            self._cv.notify_all()
+        if error is None:
+            for pending, part in zip(batch, logits.split([len(p.rows) for p in batch])):
+                pending.finish(part, batch_rows=len(logits))
+            return
+        self._take_out(replica, error)
+        other = None if retried else self._another(replica, batch)
+        if other is not None:
+            self._send(other, batch, retried=True)
+            return
+        for pending in batch:
+            pending.finish(error=Refused(grpc.StatusCode.UNAVAILABLE,
+                                         f"replica {replica.replica} failed ({first_line(error)}) and no other "
+                                         "could take the batch; retry"))
+
+    def _another(self, failed: Replica, batch: List[Pending]) -> Optional[Replica]:
+        with self._cv:
+            others = [r for r in self.replicas if r.in_rotation and r is not failed]
+            if not others:
+                return None
+            choice = self.policy(others)
+            self._count(choice, batch, +1)
+            return choice
+
+    # -- rotation
+    def _take_out(self, replica: Replica, error: BaseException) -> None:
+        with self._cv:
+            if not replica.in_rotation:
+                return
+            replica.in_rotation = False
+        log.warning("replica %d (%s) is out of rotation: %s", replica.replica, ", ".join(replica.workers),
+                    first_line(error))
+
+    def _probe_forever(self) -> None:
+        while not self._stopped.wait(PROBE_EVERY_S):
+            for replica in [r for r in self.replicas if not r.in_rotation]:
+                if self._answers(replica):
+                    with self._cv:
+                        replica.in_rotation = True
+                        self._cv.notify_all()
+                    log.warning("replica %d (%s) answers again: back in rotation", replica.replica,
+                                ", ".join(replica.workers))
+
+    def _answers(self, replica: Replica) -> bool:
+        probes = [rpc.rpc_async(w, answer, timeout=min(2.0, self.limits.replica_timeout_s)) for w in replica.workers]
+        try:
+            torch.futures.wait_all(probes)
+            return True
+        except Exception:  # noqa: BLE001 - still silent or gone: try again later
+            return False

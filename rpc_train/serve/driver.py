@@ -1,0 +1,95 @@
+"""Serving on the driver (rank 0): build the replicas, warm them up, answer gRPC until told to stop.
+
+SIGTERM (launch.sh forwards it, and Ctrl-C, here) drains: new requests get UNAVAILABLE,
+queued and in-flight ones are answered, then the front end stops and the RPC world shuts down
+gracefully, so every rank exits 0.
+"""
+
+import logging
+import os
+import signal
+import threading
+from typing import List
+
+import torch
+import torch.distributed.rpc as rpc
+from omegaconf import DictConfig
+
+from rpc_train.config.errors import ConfigError
+from rpc_train.pipeline.partition import plan_stages, stage_bounds
+from rpc_train.runtime.world import worker_name
+from rpc_train.serve.codec import ModelSpec
+from rpc_train.serve.dispatch import BatchingLimits, Dispatcher, Replica
+from rpc_train.serve.frontend import HealthReporter, InferenceService, start_server
+from rpc_train.serve.replica import ServeStage, infer_on_stage
+from rpc_train.serve.routing import POLICIES
+from rpc_train.serve.source import ServedModel, build_served, served_model
+
+log = logging.getLogger(__name__)
+
+PID_FILE = "frontend.pid"  # launch.sh signals this process to drain
+
+
+def build_replicas(cfg: DictConfig, served: ServedModel, world_size: int) -> tuple:
+    """(the stages' RRefs, one Replica per group of serve.stages workers): replica r's stage k on
+    worker 1 + r x stages + k."""
+    stages = cfg.serve.stages
+    layers = list(build_served(served))
+    sample = torch.zeros(1, *served.shape)
+    bounds = stage_bounds(plan_stages(layers, stages, cfg.pipeline.balance, sample) if stages > 1 else [len(layers)])
+    rrefs, replicas = [], []
+    for r in range((world_size - 1) // stages):
+        workers = [worker_name(1 + r * stages + k) for k in range(stages)]
+        for k, layer_range in enumerate(bounds):
+            after = workers[k + 1] if k + 1 < stages else None
+            rrefs.append(rpc.remote(workers[k], ServeStage, args=(r, k, served, layer_range, after, cfg.device)))
+        replicas.append(Replica(replica=r, workers=workers))
+    return rrefs, replicas
+
+
+def warm_up(replicas: List[Replica], shape: List[int], timeout_s: float) -> None:
+    """One batch through every replica: ready means each has loaded the model and answered."""
+    torch.futures.wait_all([rpc.rpc_async(r.workers[0], infer_on_stage, args=(r.replica, 0, torch.zeros(1, *shape)),
+                                          timeout=timeout_s) for r in replicas])
+
+
+def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
+    conf = cfg.serve
+    served = served_model(conf.run, conf.model_name)
+    log.info("serving model '%s' from %s", served.name, os.path.abspath(served.run_dir))
+    rrefs, replicas = build_replicas(cfg, served, world_size)
+    torch.futures.wait_all([rref.rpc_async().ready() for rref in rrefs])  # every stage built, or its error
+    warm_up(replicas, served.shape, max(conf.replica_timeout_s, cfg.runtime.rpc_timeout_s))
+    limits = BatchingLimits(conf.max_batch_size, conf.max_inflight_batches, conf.max_queue_delay_ms / 1e3,
+                            conf.max_queue_size, conf.replica_timeout_s)
+    dispatcher = Dispatcher(replicas, POLICIES[conf.routing](), limits)
+    spec = ModelSpec(served.name, served.shape, served.num_classes, conf.max_batch_size)
+    service, health = InferenceService(spec, dispatcher, conf.max_message_mb), HealthReporter()
+    try:
+        server = start_server(service, health, conf.host, conf.port, conf.threads)
+    except RuntimeError as err:
+        raise ConfigError(f"serve.port={conf.port}: {err} (is another server on it?); choose a free serve.port") from err
+    stop = _stop_on_signals()
+    with open(os.path.join(run_dir, PID_FILE), "w") as f:
+        f.write(f"{os.getpid()}\n")
+    health.update(True)
+    log.info("ready: %d replica(s) of %d stage(s) on %s, gRPC on %s:%d", len(replicas), conf.stages,
+             ", ".join(r.workers[0] for r in replicas), conf.host, conf.port)
+    while not stop.wait(0.5):
+        health.update(service.ready())
+    log.info("draining: new requests get UNAVAILABLE, queued and in-flight ones are answered")
+    service.draining = True
+    health.update(False)
+    drained = dispatcher.drain(timeout_s=2 * conf.replica_timeout_s)
+    server.stop(grace=5).wait()
+    for rref in rrefs:
+        rref.rpc_sync().release()
+    log.info("stopped%s", "" if drained else " (some requests were still unanswered after the drain timeout)")
+    return {}
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop

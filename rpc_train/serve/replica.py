@@ -1,0 +1,70 @@
+"""A replica of the served model on its workers: one stage, or a pipeline of stages, in eval mode.
+
+The front end creates each `ServeStage` with `rpc.remote` and keeps the RRef (its lifetime);
+batches go through `infer_on_stage` by (replica, stage) id, as the training pipeline's
+micro-batches do, so no RRef travels per batch. A replica of several stages passes each
+batch's activations stage to stage; the last stage's output returns along the chain.
+"""
+
+import logging
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed.rpc as rpc
+from torch import nn
+
+from rpc_train.serve.source import ServedModel, build_served
+
+log = logging.getLogger(__name__)
+
+# The stages hosted by this process, by (replica, stage), for `infer_on_stage`.
+_LOCAL: Dict[Tuple[int, int], "ServeStage"] = {}
+
+
+def local_device(device: str) -> torch.device:
+    """This worker's device: its machine's GPUs are shared out by local rank."""
+    if device == "cpu":
+        return torch.device("cpu")
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}")
+
+
+class ServeStage:
+    def __init__(self, replica: int, stage: int, served: ServedModel, layers: range, next_worker: Optional[str],
+                 device: str):
+        model = build_served(served)
+        self.device = local_device(device)
+        self.module = nn.Sequential(*[model[i] for i in layers]).to(self.device).eval()
+        self.key, self.next_worker = (replica, stage), next_worker
+        _LOCAL[self.key] = self
+        log.info("replica %d stage %d (pid %d): layers %d-%d of %s on %s", replica, stage, os.getpid(),
+                 layers.start, layers.stop - 1, served.name, self.device)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def release(self) -> None:
+        _LOCAL.pop(self.key, None)
+
+
+@rpc.functions.async_execution
+def infer_on_stage(replica: int, stage: int, x: torch.Tensor) -> torch.futures.Future:
+    """Run a batch through this stage, then on through the replica's next stage, if any.
+
+    Tensors cross processes on the CPU: the front end only moves request and reply bytes, and
+    a stage on a GPU copies its batch there and back. async_execution frees this RPC thread
+    while the next stage computes.
+    """
+    here = _LOCAL[(replica, stage)]
+    with torch.no_grad():
+        y = here.module(x.to(here.device)).cpu()
+    if here.next_worker is None:
+        done = torch.futures.Future()
+        done.set_result(y)
+        return done
+    return rpc.rpc_async(here.next_worker, infer_on_stage, args=(replica, stage + 1, y))
+
+
+def answer() -> int:
+    """The probe of a replica out of rotation: any answer means its process serves RPCs again."""
+    return os.getpid()
