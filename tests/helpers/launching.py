@@ -12,12 +12,16 @@ TESTS = REPO / "tests"
 SMOKE = ["experiment=smoke"]
 
 
-def launch(args: List[str], run_dir: Path, timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
-    """./launch.sh with the run dir pinned to `run_dir`. Every rank can import `helpers`
+def launch_env(run_dir: Path, **env: str) -> dict:
+    """The environment of a launch: the run dir pinned, and `helpers` importable on every rank
     (the fault drills' step hooks live there)."""
     path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
-    full_env = {**os.environ, "RUN_DIR": str(run_dir), "PYTHON": sys.executable, "PYTHONPATH": path, **env}
-    return subprocess.run([str(REPO / "launch.sh"), *args], cwd=REPO, env=full_env,
+    return {**os.environ, "RUN_DIR": str(run_dir), "PYTHON": sys.executable, "PYTHONPATH": path, **env}
+
+
+def launch(args: List[str], run_dir: Path, timeout: float = 180, cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess:
+    """./launch.sh, run to its end, from `cwd` (where outputs/ would be)."""
+    return subprocess.run([str(REPO / "launch.sh"), *args], cwd=cwd, env=launch_env(run_dir, **env),
                           capture_output=True, text=True, timeout=timeout)
 
 

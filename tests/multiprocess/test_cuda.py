@@ -51,3 +51,19 @@ def test_a_cuda_run_resumes_from_its_checkpoint(tmp_path):
     assert mine.keys() == theirs.keys()
     for name, value in theirs.items():
         torch.testing.assert_close(mine[name], value, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_cuda_replicas_answer_as_the_model_on_the_cpu(tmp_path):
+    import tritonclient.grpc as triton
+
+    from helpers.serving import ServingJob, digits_rows, triton_input
+    from rpc_train.serve.source import build_served, served_model
+
+    ok(launch(["experiment=smoke"], tmp_path / "trained"))
+    with ServingJob(tmp_path / "trained", tmp_path / "serve", ["device=cuda"]) as job:
+        rows = digits_rows(8)
+        answer = triton.InferenceServerClient(job.url).infer("mlp", [triton_input(rows)]).as_numpy("logits")
+        assert "on cuda:" in job.log(1)
+    with torch.no_grad():
+        expected = build_served(served_model(str(tmp_path / "trained"), None))(torch.from_numpy(rows)).numpy()
+    torch.testing.assert_close(torch.from_numpy(answer), torch.from_numpy(expected), rtol=0, atol=ATOL)

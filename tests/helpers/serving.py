@@ -1,0 +1,87 @@
+"""A serving job for the tests: ./launch.sh mode=serve in the background, ready when it says so."""
+
+import functools
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from helpers.launching import REPO, launch_env
+from rpc_train.runtime.local_world import free_port
+
+
+class ServingJob:
+    def __init__(self, run: Path, run_dir: Path, args: List[str] = (), nproc: int = 3, cwd: Path = REPO):
+        self.port, self.run_dir = free_port(), run_dir
+        self.url = f"localhost:{self.port}"
+        serve_run = [f"serve.run={run}"] if run else []
+        self.proc = subprocess.Popen([str(REPO / "launch.sh"), "mode=serve", *serve_run, f"serve.port={self.port}", *args],
+                                     cwd=cwd, env=launch_env(run_dir, NPROC=str(nproc)),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.output: Optional[str] = None
+
+    def wait_ready(self, timeout_s: float = 120) -> "ServingJob":
+        import tritonclient.grpc as triton
+
+        client, deadline = triton.InferenceServerClient(self.url), time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the serving job exited ({self.proc.returncode}):\n{self.stop()[-3000:]}")
+            try:
+                if client.is_server_ready():
+                    return self
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"not ready in {timeout_s} s:\n{self.log()[-3000:]}")
+
+    def log(self, rank: int = 0) -> str:
+        path = self.run_dir / f"rank{rank}.log"
+        return path.read_text() if path.exists() else ""
+
+    def pid_of(self, rank: int) -> int:
+        import re
+
+        return int(re.search(r"\(pid (\d+)\)", self.log(rank)).group(1))
+
+    def stop(self, timeout_s: float = 90) -> str:
+        """SIGTERM to the launcher, as a user's would be: drain, then every process ends."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.output, _ = self.proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.output, _ = self.proc.communicate()
+        return self.output
+
+    def __enter__(self) -> "ServingJob":
+        return self.wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> np.ndarray:
+    from rpc_train.config.compose import compose
+    from rpc_train.data.datasets import load_datasets
+
+    cfg = compose(["data=digits"])
+    return load_datasets(cfg.data, cfg.seed)[1].tensors[0].numpy()
+
+
+def digits_rows(count: int) -> np.ndarray:
+    """Validation digits as the served model saw them in training: [count, 1, 8, 8] float32."""
+    return _digits()[:count].copy()
+
+
+def triton_input(rows: np.ndarray, name: str = "input", datatype: str = "FP32"):
+    import tritonclient.grpc as triton
+
+    tensor = triton.InferInput(name, list(rows.shape), datatype)
+    tensor.set_data_from_numpy(rows)
+    return tensor

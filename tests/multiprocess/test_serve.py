@@ -1,0 +1,296 @@
+"""mode=serve end to end: a trained smoke model behind the Open Inference Protocol, asked by the
+official tritonclient and by rpc_train's own client over real gRPC on loopback."""
+
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from helpers.launching import SMOKE, launch, ok
+from helpers.serving import ServingJob, digits_rows, triton_input
+from rpc_train.serve.source import build_served, served_model
+
+pytestmark = pytest.mark.timeout(300)
+
+# Small limits, so that the over-size and over-batch requests stay small too.
+LIMITS = ["serve.max_batch_size=32", "serve.max_message_mb=0.05"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    ok(launch(SMOKE, run))
+    return run
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    job = ServingJob(trained, tmp_path_factory.mktemp("serve") / "run", LIMITS).wait_ready()
+    yield job
+    job.stop()
+    assert job.proc.returncode == 0, job.output[-3000:]
+
+
+def reference(trained, rows: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return build_served(served_model(str(trained), None))(torch.from_numpy(rows)).numpy()
+
+
+def test_tritonclient_gets_what_the_model_computes(server, trained):
+    client = triton.InferenceServerClient(server.url)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mlp")
+    meta = client.get_model_metadata("mlp")
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("input", "FP32", [-1, 1, 8, 8])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("logits", "FP32", [-1, 10])]
+    assert client.get_server_metadata().name == "rpc_train"
+    rows = digits_rows(5)
+    answer = client.infer("mlp", [triton_input(rows)]).as_numpy("logits")
+    np.testing.assert_allclose(answer, reference(trained, rows), rtol=0, atol=1e-5)
+
+
+def test_typed_contents_are_accepted_too(server, trained):
+    rows = digits_rows(3)
+    request = service_pb2.ModelInferRequest(model_name="mlp")
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=list(rows.shape))
+    tensor.contents.fp32_contents.extend(rows.flatten().tolist())
+    reply = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.url)).ModelInfer(request, timeout=30)
+    logits = np.frombuffer(reply.raw_output_contents[0], dtype="<f4").reshape(list(reply.outputs[0].shape))
+    np.testing.assert_allclose(logits, reference(trained, rows), rtol=0, atol=1e-5)
+
+
+def test_the_projects_own_client_reports_accuracy_and_latency(server):
+    done = subprocess.run([sys.executable, "-m", "rpc_train.serve.client", "--url", server.url, "--count", "40"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    accuracy = float(done.stdout.split("accuracy ")[1].split()[0])
+    assert accuracy > 0.5 and "p99" in done.stdout  # the smoke model learns digits past chance (0.1)
+
+
+def test_the_health_service_says_serving(server):
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.url))
+    for service in ("", "inference.GRPCInferenceService"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
+            health_pb2.HealthCheckResponse.SERVING
+
+
+def test_concurrent_clients_are_batched_and_each_gets_its_own_rows(server, trained):
+    rows = digits_rows(64)
+    expected = reference(trained, rows)
+    sizes, errors = [], []
+
+    def one_client(i: int) -> None:
+        client = triton.InferenceServerClient(server.url)
+        for j in range(8):
+            k = (i * 8 + j) % len(rows)
+            result = client.infer("mlp", [triton_input(rows[k:k + 1])])
+            sizes.append(result.get_response().parameters["batch_rows"].int64_param)
+            if not np.allclose(result.as_numpy("logits"), expected[k:k + 1], rtol=0, atol=1e-5):
+                errors.append(k)
+
+    threads = [threading.Thread(target=one_client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(sizes) == 128
+    assert max(sizes) > 1, "16 concurrent clients never shared a batch"
+
+
+def call(server, request, method="ModelInfer"):
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.url))
+    with pytest.raises(grpc.RpcError) as err:
+        getattr(stub, method)(request, timeout=30)
+    return err.value.code(), err.value.details()
+
+
+def request_of(rows: np.ndarray, name="input", datatype="FP32", shape=None, model="mlp", raw=None):
+    request = service_pb2.ModelInferRequest(model_name=model)
+    request.inputs.add(name=name, datatype=datatype, shape=list(rows.shape) if shape is None else shape)
+    request.raw_input_contents.append(rows.astype("<f4").tobytes() if raw is None else raw)
+    return request
+
+
+def with_nan(rows):
+    rows = rows.copy()
+    rows[2, 0, 3, 3] = np.nan
+    return rows
+
+
+BAD = {
+    "unknown model": (lambda r: request_of(r, model="resnet"), grpc.StatusCode.NOT_FOUND,
+                      "model 'resnet' is not served here; the model is 'mlp'"),
+    "input name": (lambda r: request_of(r, name="pixels"), grpc.StatusCode.INVALID_ARGUMENT,
+                   "inputs ['pixels']: model 'mlp' takes one input named 'input'"),
+    "datatype": (lambda r: request_of(r, datatype="INT64"), grpc.StatusCode.INVALID_ARGUMENT,
+                 "datatype INT64: expected FP32"),
+    "shape": (lambda r: request_of(r, shape=[4, 64]), grpc.StatusCode.INVALID_ARGUMENT,
+              "shape [4, 64]: expected [rows, 1, 8, 8]"),
+    "raw length": (lambda r: request_of(r, raw=b"\0" * 100), grpc.StatusCode.INVALID_ARGUMENT,
+                   "raw_input_contents holds 100 bytes; shape [4, 1, 8, 8] of FP32 needs 1024"),
+    "NaN rows": (lambda r: request_of(with_nan(r)), grpc.StatusCode.INVALID_ARGUMENT,
+                 "rows [2] hold NaN or infinite values"),
+    "empty batch": (lambda r: request_of(r[:0]), grpc.StatusCode.INVALID_ARGUMENT, "an empty batch"),
+    "too many rows": (lambda r: request_of(np.zeros((33, 1, 8, 8), np.float32)), grpc.StatusCode.INVALID_ARGUMENT,
+                      "has 33 rows, more than serve.max_batch_size=32"),
+    "too large": (lambda r: request_of(np.zeros((300, 1, 8, 8), np.float32)), grpc.StatusCode.INVALID_ARGUMENT,
+                  "over serve.max_message_mb=0.05 MiB"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_bad_request_gets_a_clear_status_and_the_server_goes_on(server, trained, case):
+    build, code, needle = BAD[case]
+    rows = digits_rows(4)
+    got, details = call(server, build(rows))
+    assert got == code and needle in details, (got, details)
+    answer = triton.InferenceServerClient(server.url).infer("mlp", [triton_input(rows)]).as_numpy("logits")
+    np.testing.assert_allclose(answer, reference(trained, rows), rtol=0, atol=1e-5)
+
+
+def test_methods_we_do_not_serve_answer_unimplemented(server):
+    code, _ = call(server, service_pb2.ModelConfigRequest(name="mlp"), method="ModelConfig")
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_full_queue_refuses_at_once_and_an_expired_request_is_never_computed(trained, tmp_path):
+    # Batches wait up to 3 s to fill: requests stay queued long enough to see the limits.
+    args = ["serve.max_queue_delay_ms=3000", "serve.max_queue_size=40", "serve.max_batch_size=32"]
+    with ServingJob(trained, tmp_path / "run", args) as job:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(job.url))
+        first = stub.ModelInfer.future(request_of(digits_rows(30)), timeout=30)
+        time.sleep(0.5)
+        code, details = call(job, request_of(digits_rows(20)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "serve.max_queue_size=40" in details, details
+        code, _ = _expire(stub)
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        reply = first.result(timeout=30)
+        # The expired request was queued behind the first one and dropped, not computed with it.
+        assert reply.parameters["batch_rows"].int64_param == 30
+
+
+def _expire(stub):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request_of(digits_rows(1)), timeout=0.5)
+    return err.value.code(), err.value.details()
+
+
+def test_sigterm_drains_answers_everything_and_exits_0(trained, tmp_path):
+    # Served from a directory whose outputs/ holds the run: the newest run is found by itself.
+    found = tmp_path / "outputs" / "2026-01-01" / "00-00-00-abcdef"
+    shutil.copytree(trained, found)
+    job = ServingJob(None, tmp_path / "run", cwd=tmp_path).wait_ready()
+    assert f"serving model 'mlp' from {found}" in job.log()
+    codes, stop, rows = [], threading.Event(), digits_rows(2)
+
+    def load() -> None:
+        client = triton.InferenceServerClient(job.url)
+        while not stop.is_set():
+            try:
+                client.infer("mlp", [triton_input(rows)], client_timeout=20)
+                codes.append("OK")
+            except Exception as err:  # noqa: BLE001 - the status is the point
+                codes.append(str(err).split("]")[0].strip("["))
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    started = time.monotonic()
+    output = job.stop()
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert job.proc.returncode == 0, output[-3000:]
+    assert time.monotonic() - started < 60
+    assert "OK" in codes and set(codes) <= {"OK", "StatusCode.UNAVAILABLE"}, set(codes)
+    assert "draining" in job.log()
+
+
+@pytest.mark.parametrize("args, nproc, needle", [
+    (["serve.stages=2"], "4", "serve.stages=2 does not divide the 3 workers"),
+    (["serve.routing=random"], "3", "serve.routing=random: expected one of least_loaded, round_robin, power_of_two"),
+])
+def test_bad_serving_settings_fail_before_any_process_starts(tmp_path, trained, args, nproc, needle):
+    result = launch(["mode=serve", f"serve.run={trained}", *args], tmp_path / "run", NPROC=nproc, timeout=60)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {needle}"), result.stderr
+
+
+def test_no_run_to_serve_or_a_run_without_its_model_is_one_line(tmp_path, trained):
+    result = launch(["mode=serve"], tmp_path / "run", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2 and "error: mode=serve: no trained run under" in result.stderr, result.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(trained, broken)
+    (broken / "model.pt").unlink()
+    result = launch(["mode=serve", f"serve.run={broken}"], tmp_path / "run", timeout=60)
+    assert result.returncode == 2 and f"error: serve.run={broken}: no model.pt there" in result.stderr
+
+
+def test_a_taken_port_is_one_line(tmp_path, trained):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = launch(["mode=serve", f"serve.run={trained}", f"serve.port={port}"], tmp_path / "run", timeout=60)
+    assert result.returncode == 2 and f"error: serve.port={port}: 127.0.0.1:{port} is taken" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_stage_replicas_answer_as_one_stage_does(trained, tmp_path):
+    with ServingJob(trained, tmp_path / "run", ["serve.stages=2"], nproc=3) as job:
+        rows = digits_rows(8)
+        answer = triton.InferenceServerClient(job.url).infer("mlp", [triton_input(rows)]).as_numpy("logits")
+        assert "1 replica(s) of 2 stage(s)" in job.log()
+    np.testing.assert_allclose(answer, reference(trained, rows), rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_stopped_replica_leaves_the_rotation_and_every_request_is_answered(trained, tmp_path):
+    import os
+    import signal
+
+    with ServingJob(trained, tmp_path / "run", ["serve.replica_timeout_s=2"], nproc=3) as job:
+        codes, stop, rows = [], threading.Event(), digits_rows(1)
+
+        def load() -> None:
+            client = triton.InferenceServerClient(job.url)
+            while not stop.is_set():
+                try:
+                    client.infer("mlp", [triton_input(rows)], client_timeout=30)
+                    codes.append("OK")
+                except Exception as err:  # noqa: BLE001
+                    codes.append(str(err))
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1)
+        replica = job.pid_of(2)
+        os.kill(replica, signal.SIGSTOP)
+        try:
+            time.sleep(6)
+            stopped_at = len(codes)
+            time.sleep(2)
+        finally:
+            os.kill(replica, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while "back in rotation" not in job.log() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        log = job.log()
+    assert set(codes) == {"OK"}, [c for c in codes if c != "OK"][:3]
+    assert len(codes) > stopped_at > 0  # requests went on being answered while it was stopped
+    assert "replica 1 (worker2) is out of rotation" in log and "replica 1 (worker2) answers again" in log

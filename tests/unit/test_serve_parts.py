@@ -1,0 +1,81 @@
+"""Serving's parts without a server: the request codec, the routing policies, the served run."""
+
+import os
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from rpc_train.config.errors import ConfigError
+from rpc_train.serve.codec import BadRequest, ModelSpec, decode, encode
+from rpc_train.serve.protocol import pb
+from rpc_train.serve.routing import POLICIES, ReplicaLoad
+from rpc_train.serve.source import newest_run, served_model
+
+pytestmark = pytest.mark.timeout(60)
+
+SPEC = ModelSpec("mlp", [1, 8, 8], 10, max_batch_size=4)
+
+
+def request(rows: np.ndarray, typed: bool = False):
+    tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=list(rows.shape))
+    if typed:
+        tensor.contents.fp32_contents.extend(rows.flatten().tolist())
+        return pb.ModelInferRequest(model_name="mlp", inputs=[tensor])
+    return pb.ModelInferRequest(model_name="mlp", inputs=[tensor], raw_input_contents=[rows.astype("<f4").tobytes()])
+
+
+def test_raw_and_typed_contents_decode_to_the_same_rows():
+    rows = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    for typed in (False, True):
+        assert torch.equal(decode(request(rows, typed), SPEC), torch.from_numpy(rows))
+
+
+def test_a_reply_carries_the_logits_as_raw_fp32_and_the_batch_size():
+    logits = torch.randn(2, 10)
+    reply = encode(request(np.zeros((2, 1, 8, 8), np.float32)), SPEC, logits, batch_rows=7)
+    assert reply.outputs[0].name == "logits" and list(reply.outputs[0].shape) == [2, 10]
+    assert np.array_equal(np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(2, 10), logits.numpy())
+    assert reply.parameters["batch_rows"].int64_param == 7
+
+
+@pytest.mark.parametrize("change, code, needle", [
+    (lambda r: setattr(r, "model_name", "other"), grpc.StatusCode.NOT_FOUND, "model 'other' is not served here"),
+    (lambda r: setattr(r, "model_version", "7"), grpc.StatusCode.NOT_FOUND, "has no version '7'"),
+    (lambda r: r.outputs.add(name="probs"), grpc.StatusCode.INVALID_ARGUMENT, "outputs ['probs']"),
+    (lambda r: r.inputs[0].contents.fp32_contents.append(1.0), grpc.StatusCode.INVALID_ARGUMENT,
+     "both raw_input_contents and typed contents"),
+    (lambda r: r.raw_input_contents.append(b""), grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents has 2 entries"),
+])
+def test_every_malformed_request_names_what_is_wrong(change, code, needle):
+    bad = request(np.zeros((2, 1, 8, 8), np.float32))
+    change(bad)
+    with pytest.raises(BadRequest) as err:
+        decode(bad, SPEC)
+    assert err.value.code == code and needle in err.value.message and "\n" not in err.value.message
+
+
+def test_routing_policies_pick_among_the_ready_replicas():
+    loads = [ReplicaLoad(0, rows_in_flight=5), ReplicaLoad(1, rows_in_flight=1), ReplicaLoad(2, rows_in_flight=3)]
+    assert POLICIES["least_loaded"]()(loads).replica == 1
+    turn = POLICIES["round_robin"]()
+    assert [turn(loads).replica for _ in range(4)] == [0, 1, 2, 0]
+    two = POLICIES["power_of_two"]()
+    picks = {two(loads).replica for _ in range(50)}
+    assert picks <= {1, 2} and 1 in picks  # never the busiest of three: it loses every pair
+    assert not ReplicaLoad(0, batches_in_flight=2).can_take(2) and not ReplicaLoad(0, in_rotation=False).can_take(2)
+
+
+def test_the_newest_trained_run_is_found_and_a_missing_one_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="no trained run under"):
+        newest_run()
+    for age, name in enumerate(("00-00-00-old", "00-00-01-new")):
+        run = tmp_path / "outputs" / "2026-01-01" / name
+        run.mkdir(parents=True)
+        (run / "model.pt").write_bytes(b"")
+        os.utime(run / "model.pt", (1e9 + age, 1e9 + age))
+    assert newest_run().endswith("00-00-01-new")
+    with pytest.raises(ConfigError, match=r"no \.hydra/config\.yaml there"):
+        served_model(newest_run(), None)
