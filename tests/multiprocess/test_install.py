@@ -22,8 +22,14 @@ def test_a_wheel_install_composes_and_trains_from_another_directory(tmp_path):
     # The system site lends torch, hydra and setuptools: nothing is downloaded, only rpc_train built.
     assert run([sys.executable, "-m", "venv", "--system-site-packages", venv], tmp_path).returncode == 0
     python = venv / "bin" / "python"
-    built = run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", REPO], tmp_path)
+    # The wheel is built by this interpreter's setuptools (the venv's bundled one may be too old
+    # to build one), then installed into the venv like any downloaded wheel.
+    built = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist",
+                 REPO], tmp_path)
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("rpc_train-*.whl")
+    installed = run([python, "-m", "pip", "install", "--no-deps", "--no-index", wheel], tmp_path)
+    assert installed.returncode == 0, installed.stdout[-2000:] + installed.stderr[-2000:]
 
     where = run([python, "-c", "import rpc_train; print(rpc_train.__file__)"], elsewhere)
     assert where.stdout.startswith(str(venv)), where.stdout + where.stderr  # the wheel, not the checkout
