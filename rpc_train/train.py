@@ -5,7 +5,6 @@ and the workers serve it until it shuts the world down.
 """
 
 import os
-import signal
 import sys
 from typing import Callable, Optional
 
@@ -44,10 +43,6 @@ def train(cfg: DictConfig) -> Optional[dict]:
     validate(cfg, world.size)
     check_device(cfg.device)  # on every rank, before the device maps are built from the GPU count
     configure_process(cfg.runtime, world)
-    if cfg.mode.name == "serve" and not world.is_driver:
-        # A replica ends when the front end shuts the world down after draining, not when
-        # torchrun passes a SIGTERM on (launch.sh sends it to the front end alone).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with rpc_session(cfg.runtime, world, stage_device_maps(cfg, world)):
         if world.is_driver:
             return driver_job(cfg)(cfg, world.size, HydraConfig.get().runtime.output_dir)

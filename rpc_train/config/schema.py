@@ -98,6 +98,15 @@ class PSConf:
 
 
 @dataclass
+class TLSConf:
+    # PEM files: the server's certificate and key turn TLS on; a client CA makes it mutual (every
+    # client must present a certificate that CA signed).
+    cert: Optional[str] = None
+    key: Optional[str] = None
+    client_ca: Optional[str] = None
+
+
+@dataclass
 class ServeConf:
     """mode=serve: rank 0 is a gRPC front end (the Open Inference Protocol), the rest host replicas."""
 
@@ -128,6 +137,17 @@ class ServeConf:
     max_message_mb: float = 16.0
     # gRPC threads answering requests (each waits for its batch while it is computed).
     threads: int = 64
+    tls: TLSConf = field(default_factory=TLSConf)
+    # A file holding a token: every call but the health service's then needs the metadata
+    # `authorization: Bearer <token>` (else UNAUTHENTICATED). The token is never logged.
+    auth_token_file: Optional[str] = None
+    # Answers kept for repeated inputs (LRU, keyed by the input's bytes, shape and datatype and
+    # the model file's hash); 0: no cache. A hit never reaches a replica.
+    cache_size: int = 0
+    # Prometheus metrics (/metrics over HTTP) on serve.host:metrics_port; 0: none.
+    metrics_port: int = 8002
+    # TensorBoard scalars and a one-line summary in the log every this many seconds.
+    log_every_s: float = 10.0
 
 
 @dataclass

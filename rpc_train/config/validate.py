@@ -145,6 +145,37 @@ def _serve_problems(serve: DictConfig, world_size: int) -> Iterator[str]:
         yield f"serve.replica_timeout_s={serve.replica_timeout_s}: must be a positive number of seconds"
     if not serve.max_message_mb > 0:
         yield f"serve.max_message_mb={serve.max_message_mb}: must be a positive size in MiB"
+    yield from _serve_security_problems(serve)
+    if serve.cache_size < 0:
+        yield f"serve.cache_size={serve.cache_size}: must be 0 (no cache) or a number of answers to keep"
+    if not 0 <= serve.metrics_port < 65536 or (serve.metrics_port and serve.metrics_port == serve.port):
+        yield (f"serve.metrics_port={serve.metrics_port}: must be 0 (no metrics) or a TCP port other than "
+               f"serve.port={serve.port}")
+    if not serve.log_every_s > 0:
+        yield f"serve.log_every_s={serve.log_every_s}: must be a positive number of seconds"
+
+
+def _serve_security_problems(serve: DictConfig) -> Iterator[str]:
+    tls = serve.tls
+    if bool(tls.cert) != bool(tls.key):
+        yield (f"serve.tls.cert={tls.cert} and serve.tls.key={tls.key}: TLS needs both, the server's certificate "
+               "and its key (PEM files)")
+    if tls.client_ca and not tls.cert:
+        yield f"serve.tls.client_ca={tls.client_ca}: mutual TLS needs serve.tls.cert and serve.tls.key too"
+    for key in ("cert", "key", "client_ca"):
+        if tls[key] and not os.path.isfile(os.path.expanduser(tls[key])):
+            yield f"serve.tls.{key}={tls[key]}: no such file; give a PEM file"
+    if serve.auth_token_file and not _holds_text(serve.auth_token_file):
+        yield (f"serve.auth_token_file={serve.auth_token_file}: no such file, or it is empty; give a file "
+               "holding the token")
+
+
+def _holds_text(path: str) -> bool:
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return bool(f.read().strip())
 
 
 def _balance_problems(balance, stages: int) -> Iterator[str]:

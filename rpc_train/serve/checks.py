@@ -11,12 +11,14 @@ from rpc_train.serve.source import build_served, served_model
 def check_serving(conf: DictConfig) -> None:
     build_served(served_model(conf.run, conf.model_name))
     check_port_free(conf.host, conf.port)
+    if conf.metrics_port:
+        check_port_free(conf.host, conf.metrics_port, "serve.metrics_port")
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, setting: str = "serve.port") -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))
         except OSError as err:
-            raise ConfigError(f"serve.port={port}: {host}:{port} is taken or not ours to bind ({err.strerror}); "
-                              "choose a free serve.port, or stop what listens there") from err
+            raise ConfigError(f"{setting}={port}: {host}:{port} is taken or not ours to bind ({err.strerror}); "
+                              f"choose a free {setting}, or stop what listens there") from err

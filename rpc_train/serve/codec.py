@@ -102,12 +102,16 @@ def _values(request: "pb.ModelInferRequest", tensor, shape: List[int]) -> np.nda
 
 
 def encode(request: "pb.ModelInferRequest", spec: ModelSpec, logits: torch.Tensor,
-           batch_rows: int) -> "pb.ModelInferResponse":
-    """The reply: `logits` as raw little-endian FP32; `batch_rows` says how big the batch it rode in was."""
+           batch_rows: int, cached: bool = False) -> "pb.ModelInferResponse":
+    """The reply: `logits` as raw little-endian FP32; its parameters say how many rows the batch
+    it rode in had (`batch_rows`), or that the cache answered (`cache_hit`)."""
     out = logits.detach().to(torch.float32).contiguous().numpy().astype("<f4", copy=False)
     reply = pb.ModelInferResponse(
         model_name=spec.name, model_version=VERSION, id=request.id,
         outputs=[pb.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype=DATATYPE, shape=list(out.shape))],
         raw_output_contents=[out.tobytes()])
-    reply.parameters["batch_rows"].int64_param = batch_rows
+    if cached:
+        reply.parameters["cache_hit"].bool_param = True
+    else:
+        reply.parameters["batch_rows"].int64_param = batch_rows
     return reply

@@ -12,6 +12,7 @@ it back when it answers again.
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, List, Optional, Sequence
@@ -27,6 +28,7 @@ from rpc_train.serve.routing import Policy, ReplicaLoad
 log = logging.getLogger(__name__)
 
 PROBE_EVERY_S = 0.5
+_FINISHING = threading.Lock()
 
 
 class Refused(Exception):
@@ -37,13 +39,14 @@ class Refused(Exception):
         self.code, self.message = code, message
 
 
-@dataclass
+@dataclass(eq=False)  # by identity: the dispatcher keeps a set of them
 class Pending:
     """One request's rows, waiting for their logits."""
 
     rows: torch.Tensor
     deadline: Optional[float]  # time.monotonic() after which nobody waits for it
     enqueued: float = field(default_factory=time.monotonic)
+    sent: Optional[float] = None  # when its batch first left for a replica
     done: threading.Event = field(default_factory=threading.Event)
     logits: Optional[torch.Tensor] = None
     batch_rows: int = 0
@@ -52,8 +55,12 @@ class Pending:
 
     def finish(self, logits: Optional[torch.Tensor] = None, batch_rows: int = 0,
                error: Optional[Refused] = None) -> None:
-        self.logits, self.batch_rows, self.error = logits, batch_rows, error
-        self.done.set()
+        """The first answer counts: a late reply after the drain gave up on it changes nothing."""
+        with _FINISHING:
+            if self.done.is_set():
+                return
+            self.logits, self.batch_rows, self.error = logits, batch_rows, error
+            self.done.set()
 
 
 @dataclass
@@ -78,6 +85,7 @@ class Dispatcher:
         self._cv = threading.Condition()
         self._queue: Deque[Pending] = deque()
         self._queued_rows = 0
+        self._open: "weakref.WeakSet[Pending]" = weakref.WeakSet()  # submitted, maybe unanswered
         self._accepting, self._stopped = True, threading.Event()
         self._threads = [threading.Thread(target=self._batch_forever, name="batcher", daemon=True),
                          threading.Thread(target=self._probe_forever, name="prober", daemon=True)]
@@ -100,6 +108,7 @@ class Dispatcher:
                               f"the queue holds {self._queued_rows} rows and serve.max_queue_size="
                               f"{self.limits.max_queue_rows}; retry later")
             self._queue.append(pending)
+            self._open.add(pending)
             self._queued_rows += len(rows)
             self._cv.notify_all()
         return pending
@@ -114,6 +123,11 @@ class Dispatcher:
                 if not self._cv.wait(max(0.0, deadline - time.monotonic())):
                     break
             drained = not self._queue and not any(r.batches_in_flight for r in self.replicas)
+            left, self._queue, self._queued_rows = list(self._open), deque(), 0
+        # What the drain could not answer (a replica died with the batch) is answered now, so
+        # that no caller waits on through the server's shutdown.
+        for pending in left:
+            pending.finish(error=Refused(grpc.StatusCode.UNAVAILABLE, "the server stopped before answering; retry"))
         self._stopped.set()
         with self._cv:
             self._cv.notify_all()
@@ -171,6 +185,9 @@ class Dispatcher:
     # -- a batch on a replica
     def _send(self, replica: Replica, batch: List[Pending], retried: bool) -> None:
         rows = torch.cat([p.rows for p in batch]) if len(batch) > 1 else batch[0].rows
+        now = time.monotonic()
+        for pending in batch:
+            pending.sent = pending.sent or now
         self.on_batch(replica.replica, len(rows))
         try:
             future = rpc.rpc_async(replica.workers[0], infer_on_stage, args=(replica.replica, 0, rows),

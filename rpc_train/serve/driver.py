@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import List
 
 import torch
@@ -16,11 +17,14 @@ import torch.distributed.rpc as rpc
 from omegaconf import DictConfig
 
 from rpc_train.config.errors import ConfigError
+from rpc_train.metrics.tensorboard import RunLogger
 from rpc_train.pipeline.partition import plan_stages, stage_bounds
 from rpc_train.runtime.world import worker_name
+from rpc_train.serve.cache import ResponseCache, file_digest
 from rpc_train.serve.codec import ModelSpec
 from rpc_train.serve.dispatch import BatchingLimits, Dispatcher, Replica
 from rpc_train.serve.frontend import HealthReporter, InferenceService, start_server
+from rpc_train.serve.observe import ServeMetrics, summary_line
 from rpc_train.serve.replica import ServeStage, infer_on_stage
 from rpc_train.serve.routing import POLICIES
 from rpc_train.serve.source import ServedModel, build_served, served_model
@@ -60,32 +64,61 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     rrefs, replicas = build_replicas(cfg, served, world_size)
     torch.futures.wait_all([rref.rpc_async().ready() for rref in rrefs])  # every stage built, or its error
     warm_up(replicas, served.shape, max(conf.replica_timeout_s, cfg.runtime.rpc_timeout_s))
+    metrics = ServeMetrics(len(replicas), conf.max_batch_size, lambda r: replicas[r].rows_in_flight,
+                           lambda: sum(r.in_rotation for r in replicas))
     limits = BatchingLimits(conf.max_batch_size, conf.max_inflight_batches, conf.max_queue_delay_ms / 1e3,
                             conf.max_queue_size, conf.replica_timeout_s)
-    dispatcher = Dispatcher(replicas, POLICIES[conf.routing](), limits)
+    dispatcher = Dispatcher(replicas, POLICIES[conf.routing](), limits, on_batch=metrics.batch_sent)
+    cache = ResponseCache(conf.cache_size, file_digest(served.weights)) if conf.cache_size else None
     spec = ModelSpec(served.name, served.shape, served.num_classes, conf.max_batch_size)
-    service, health = InferenceService(spec, dispatcher, conf.max_message_mb), HealthReporter()
+    service, health = InferenceService(spec, dispatcher, conf.max_message_mb, metrics, cache), HealthReporter()
     try:
-        server = start_server(service, health, conf.host, conf.port, conf.threads)
-    except RuntimeError as err:
-        raise ConfigError(f"serve.port={conf.port}: {err} (is another server on it?); choose a free serve.port") from err
+        server = start_server(service, health, conf)
+        if conf.metrics_port:
+            metrics.serve_http(conf.host, conf.metrics_port)
+    except (RuntimeError, OSError) as err:
+        raise ConfigError(f"serve.port={conf.port} or serve.metrics_port={conf.metrics_port}: {err} (is another "
+                          "server on it?); choose free ports") from err
     stop = _stop_on_signals()
     with open(os.path.join(run_dir, PID_FILE), "w") as f:
         f.write(f"{os.getpid()}\n")
     health.update(True)
-    log.info("ready: %d replica(s) of %d stage(s) on %s, gRPC on %s:%d", len(replicas), conf.stages,
-             ", ".join(r.workers[0] for r in replicas), conf.host, conf.port)
-    while not stop.wait(0.5):
-        health.update(service.ready())
+    log.info("ready: %d replica(s) of %d stage(s) on %s, gRPC on %s:%d%s%s%s", len(replicas), conf.stages,
+             ", ".join(r.workers[0] for r in replicas), conf.host, conf.port,
+             " (TLS" + (", mutual)" if conf.tls.client_ca else ")") if conf.tls.cert else " (plaintext)",
+             ", token required" if conf.auth_token_file else "",
+             f", metrics on {conf.host}:{conf.metrics_port}" if conf.metrics_port else "")
+    report(stop, metrics, RunLogger(run_dir), conf.log_every_s, health, service)
     log.info("draining: new requests get UNAVAILABLE, queued and in-flight ones are answered")
     service.draining = True
     health.update(False)
     drained = dispatcher.drain(timeout_s=2 * conf.replica_timeout_s)
     server.stop(grace=5).wait()
     for rref in rrefs:
-        rref.rpc_sync().release()
+        try:
+            rref.rpc_sync(timeout=5).release()
+        except RuntimeError:  # that worker is gone (torchrun is restarting the world): nothing to free
+            pass
     log.info("stopped%s", "" if drained else " (some requests were still unanswered after the drain timeout)")
     return {}
+
+
+def report(stop: threading.Event, metrics: ServeMetrics, logger: RunLogger, every_s: float, health: HealthReporter,
+           service: InferenceService) -> None:
+    """Until told to stop: readiness to the health service, and every `every_s` the window's
+    scalars to TensorBoard (step: seconds since ready) and one line to the log."""
+    started = next_report = time.monotonic()
+    try:
+        while not stop.wait(0.5):
+            health.update(service.ready())
+            if time.monotonic() >= next_report + every_s:
+                next_report = time.monotonic()
+                scalars = metrics.window()
+                logger.scalars(int(next_report - started), scalars)
+                logger.flush()
+                log.info(summary_line(scalars))
+    finally:
+        logger.close()
 
 
 def _stop_on_signals() -> threading.Event:

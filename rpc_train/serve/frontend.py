@@ -15,9 +15,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import rpc_train
+from rpc_train.serve.cache import ResponseCache
 from rpc_train.serve.codec import BadRequest, ModelSpec, check_model, decode, encode
 from rpc_train.serve.dispatch import Dispatcher, Refused
+from rpc_train.serve.observe import ServeMetrics
 from rpc_train.serve.protocol import SERVICE, handler, pb
+from rpc_train.serve.security import TokenAuth, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +30,10 @@ NO_DEADLINE_S = 10 ** 6
 class InferenceService:
     """The protocol's methods (protocol.METHODS), by their names."""
 
-    def __init__(self, spec: ModelSpec, dispatcher: Dispatcher, max_message_mb: float):
-        self.spec, self.dispatcher, self.max_message_mb = spec, dispatcher, max_message_mb
-        self.max_message_bytes = message_bytes(max_message_mb)
+    def __init__(self, spec: ModelSpec, dispatcher: Dispatcher, max_message_mb: float, metrics: ServeMetrics,
+                 cache: Optional[ResponseCache] = None):
+        self.spec, self.dispatcher, self.metrics, self.cache = spec, dispatcher, metrics, cache
+        self.max_message_mb, self.max_message_bytes = max_message_mb, message_bytes(max_message_mb)
         self.draining = False
 
     def ServerLive(self, request, context):
@@ -50,25 +54,44 @@ class InferenceService:
         return self.spec.metadata()
 
     def ModelInfer(self, request, context):
+        started = time.monotonic()
+        try:
+            reply, queued_s = self._infer(request, _deadline(context))
+        except (BadRequest, Refused) as err:
+            self.metrics.request(err.code.name, time.monotonic() - started, None)
+            context.abort(err.code, err.message)
+        except Exception:  # noqa: BLE001 - our own bug: say so, keep serving the others
+            log.exception("ModelInfer failed")
+            self.metrics.request(grpc.StatusCode.INTERNAL.name, time.monotonic() - started, None)
+            context.abort(grpc.StatusCode.INTERNAL, "the server failed on this request (its log says why)")
+        self.metrics.request("OK", time.monotonic() - started, queued_s)
+        return reply
+
+    def _infer(self, request, deadline: Optional[float]) -> tuple:
+        """(the reply, seconds its rows waited to leave for a replica, None from the cache)."""
         if self.draining:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")
         size = request.ByteSize()
         if size > self.max_message_bytes:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"the request is {size} bytes, over serve.max_message_mb={self.max_message_mb:g} MiB; "
-                          "send fewer rows per request")
-        try:
-            rows = decode(request, self.spec)
-            deadline = _deadline(context)
-            pending = self.dispatcher.submit(rows, deadline)
-        except (BadRequest, Refused) as err:
-            context.abort(err.code, err.message)
+            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"the request is {size} bytes, over serve.max_message_mb={self.max_message_mb:g} MiB; "
+                             "send fewer rows per request")
+        rows = decode(request, self.spec)
+        key = self.cache.key(rows) if self.cache is not None else None
+        if key is not None:
+            answer = self.cache.get(key)
+            self.metrics.cache_lookup(answer is not None)
+            if answer is not None:
+                return encode(request, self.spec, answer, 0, cached=True), None
+        pending = self.dispatcher.submit(rows, deadline)
         if not pending.done.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic())):
             pending.abandoned = True  # the batcher drops it if it is still queued
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the answer")
+            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the answer")
         if pending.error is not None:
-            context.abort(pending.error.code, pending.error.message)
-        return encode(request, self.spec, pending.logits, pending.batch_rows)
+            raise pending.error
+        if key is not None:
+            self.cache.put(key, pending.logits)
+        return encode(request, self.spec, pending.logits, pending.batch_rows), pending.sent - pending.enqueued
 
     def ready(self) -> bool:
         return not self.draining and self.dispatcher.ready()
@@ -104,20 +127,22 @@ class HealthReporter:
             self.servicer.set(name, status)
 
 
-def start_server(service: InferenceService, reporter: HealthReporter, host: str, port: int,
-                 threads: int) -> grpc.Server:
-    """Listen on host:port; a port that cannot be bound is a ConfigError-worthy RuntimeError."""
+def start_server(service: InferenceService, reporter: HealthReporter, conf) -> grpc.Server:
+    """Listen on serve.host:serve.port, with TLS and a token when serve.* asks for them; a port
+    that cannot be bound raises RuntimeError."""
     # gRPC's own limit sits well above ours, so that a request over ours still reaches the handler
     # and gets INVALID_ARGUMENT naming the limit; past gRPC's, gRPC answers RESOURCE_EXHAUSTED.
     limit = 4 * service.max_message_bytes
-    server = grpc.server(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
+    server = grpc.server(ThreadPoolExecutor(max_workers=conf.threads, thread_name_prefix="grpc"),
+                         interceptors=[TokenAuth(conf.auth_token_file)] if conf.auth_token_file else [],
                          options=[("grpc.max_receive_message_length", limit),
                                   ("grpc.max_send_message_length", limit),
                                   ("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers([handler(service)])
     health_pb2_grpc.add_HealthServicer_to_server(reporter.servicer, server)
-    address = f"{host}:{port}"
-    if server.add_insecure_port(address) == 0:
+    address, credentials = f"{conf.host}:{conf.port}", server_credentials(conf.tls)
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if bound == 0:
         raise RuntimeError(f"cannot listen on {address}")
     server.start()
     return server
