@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+import grpc
 import numpy as np
 
 from helpers.launching import REPO, launch_env
@@ -14,38 +15,58 @@ from rpc_train.runtime.local_world import free_port
 
 
 class ServingJob:
-    def __init__(self, run: Path, run_dir: Path, args: List[str] = (), nproc: int = 3, cwd: Path = REPO):
-        self.port, self.run_dir = free_port(), run_dir
+    def __init__(self, run: Path, run_dir: Path, args: List[str] = (), nproc: int = 3, cwd: Path = REPO,
+                 credentials: Optional["grpc.ChannelCredentials"] = None):
+        """`credentials`: how to reach a TLS job (grpc.ssl_channel_credentials)."""
+        self.credentials = credentials
+        self.port, self.metrics_port, self.run_dir = free_port(), free_port(), run_dir
         self.url = f"localhost:{self.port}"
         serve_run = [f"serve.run={run}"] if run else []
-        self.proc = subprocess.Popen([str(REPO / "launch.sh"), "mode=serve", *serve_run, f"serve.port={self.port}", *args],
+        self.proc = subprocess.Popen([str(REPO / "launch.sh"), "mode=serve", *serve_run, f"serve.port={self.port}",
+                                      f"serve.metrics_port={self.metrics_port}", *args],
                                      cwd=cwd, env=launch_env(run_dir, NPROC=str(nproc)),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.output: Optional[str] = None
 
     def wait_ready(self, timeout_s: float = 120) -> "ServingJob":
-        import tritonclient.grpc as triton
+        """Until the health service says SERVING (it needs no token, so any job can be asked)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        client, deadline = triton.InferenceServerClient(self.url), time.monotonic() + timeout_s
+        channel = (grpc.secure_channel(self.url, self.credentials) if self.credentials
+                   else grpc.insecure_channel(self.url))
+        health, deadline = health_pb2_grpc.HealthStub(channel), time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"the serving job exited ({self.proc.returncode}):\n{self.stop()[-3000:]}")
             try:
-                if client.is_server_ready():
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
                     return self
-            except Exception:  # noqa: BLE001 - not listening yet
+            except grpc.RpcError:  # not listening yet
                 pass
             time.sleep(0.3)
         raise AssertionError(f"not ready in {timeout_s} s:\n{self.log()[-3000:]}")
+
+    def metrics(self) -> dict:
+        """The Prometheus samples on the job's metrics port, parsed by prometheus_client's own parser:
+        {(name, frozen labels): value}."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
 
     def log(self, rank: int = 0) -> str:
         path = self.run_dir / f"rank{rank}.log"
         return path.read_text() if path.exists() else ""
 
     def pid_of(self, rank: int) -> int:
+        """The pid a rank's log names last (a restarted world's rank logs a new one)."""
         import re
 
-        return int(re.search(r"\(pid (\d+)\)", self.log(rank)).group(1))
+        return int(re.findall(r"\(pid (\d+)\)", self.log(rank))[-1])
 
     def stop(self, timeout_s: float = 90) -> str:
         """SIGTERM to the launcher, as a user's would be: drain, then every process ends."""
