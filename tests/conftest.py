@@ -11,3 +11,11 @@ def smoke_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
     result = ok(launch(SMOKE + ["pipeline.timeline_every=10", "pipeline.trace_step=12"], run_dir))
     return run_dir, result
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A smoke model trained for real, for the serving tests to serve."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    ok(launch(SMOKE, run))
+    return run

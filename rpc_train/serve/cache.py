@@ -13,14 +13,6 @@ from typing import Optional
 import torch
 
 
-def file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class ResponseCache:
     def __init__(self, size: int, model_digest: str):
         self.size, self._model = size, model_digest.encode()

@@ -20,7 +20,8 @@ from rpc_train.config.errors import ConfigError
 from rpc_train.metrics.tensorboard import RunLogger
 from rpc_train.pipeline.partition import plan_stages, stage_bounds
 from rpc_train.runtime.world import worker_name
-from rpc_train.serve.cache import ResponseCache, file_digest
+from rpc_train.checkpoint.store import sha256_of
+from rpc_train.serve.cache import ResponseCache
 from rpc_train.serve.codec import ModelSpec
 from rpc_train.serve.dispatch import BatchingLimits, Dispatcher, Replica
 from rpc_train.serve.frontend import HealthReporter, InferenceService, start_server
@@ -32,6 +33,7 @@ from rpc_train.serve.source import ServedModel, build_served, served_model
 log = logging.getLogger(__name__)
 
 PID_FILE = "frontend.pid"  # launch.sh signals this process to drain
+LINGER_S = 1.0
 
 
 def build_replicas(cfg: DictConfig, served: ServedModel, world_size: int) -> tuple:
@@ -69,7 +71,7 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     limits = BatchingLimits(conf.max_batch_size, conf.max_inflight_batches, conf.max_queue_delay_ms / 1e3,
                             conf.max_queue_size, conf.replica_timeout_s)
     dispatcher = Dispatcher(replicas, POLICIES[conf.routing](), limits, on_batch=metrics.batch_sent)
-    cache = ResponseCache(conf.cache_size, file_digest(served.weights)) if conf.cache_size else None
+    cache = ResponseCache(conf.cache_size, sha256_of(served.weights)) if conf.cache_size else None
     spec = ModelSpec(served.name, served.shape, served.num_classes, conf.max_batch_size)
     service, health = InferenceService(spec, dispatcher, conf.max_message_mb, metrics, cache), HealthReporter()
     try:
@@ -93,6 +95,13 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     service.draining = True
     health.update(False)
     drained = dispatcher.drain(timeout_s=2 * conf.replica_timeout_s)
+    # Every handler has its answer now; new calls keep getting UNAVAILABLE from the handlers for a
+    # moment, so that few arrive just as gRPC closes (those may see CANCELLED instead).
+    linger_until = time.monotonic() + LINGER_S
+    while time.monotonic() < linger_until or not service.idle():
+        time.sleep(0.05)
+        if time.monotonic() > linger_until + 5:
+            break
     server.stop(grace=5).wait()
     for rref in rrefs:
         try:

@@ -7,6 +7,7 @@ UNAVAILABLE while not ready or draining, DEADLINE_EXCEEDED; INTERNAL only for ou
 """
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -35,6 +36,7 @@ class InferenceService:
         self.spec, self.dispatcher, self.metrics, self.cache = spec, dispatcher, metrics, cache
         self.max_message_mb, self.max_message_bytes = max_message_mb, message_bytes(max_message_mb)
         self.draining = False
+        self._active, self._active_lock = 0, threading.Lock()  # ModelInfer calls being handled
 
     def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -54,6 +56,19 @@ class InferenceService:
         return self.spec.metadata()
 
     def ModelInfer(self, request, context):
+        with self._active_lock:
+            self._active += 1
+        try:
+            return self._answer(request, context)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    def idle(self) -> bool:
+        with self._active_lock:
+            return self._active == 0
+
+    def _answer(self, request, context):
         started = time.monotonic()
         try:
             reply, queued_s = self._infer(request, _deadline(context))

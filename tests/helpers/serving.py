@@ -106,3 +106,54 @@ def triton_input(rows: np.ndarray, name: str = "input", datatype: str = "FP32"):
     tensor = triton.InferInput(name, list(rows.shape), datatype)
     tensor.set_data_from_numpy(rows)
     return tensor
+
+
+def served_reference(run: Path, rows: np.ndarray) -> np.ndarray:
+    """What the served run's model computes for `rows` in this process: the answers to expect."""
+    import torch
+
+    from rpc_train.serve.source import build_served, served_model
+
+    with torch.no_grad():
+        return build_served(served_model(str(run), None))(torch.from_numpy(rows)).numpy()
+
+
+class Load:
+    """Clients in threads, each sending `rows` again and again until stopped; every call's
+    (status, seconds) is kept. Status is "OK" or tritonclient's "StatusCode.X"."""
+
+    def __init__(self, url: str, rows: np.ndarray, clients: int = 4, deadline_s: float = 20.0):
+        import threading
+
+        self.url, self.rows, self.deadline_s = url, rows, deadline_s
+        self.outcomes: List[tuple] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client) for _ in range(clients)]
+
+    def _client(self) -> None:
+        import tritonclient.grpc as triton
+        from tritonclient.utils import InferenceServerException
+
+        client = triton.InferenceServerClient(self.url)
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                client.infer("mlp", [triton_input(self.rows)], client_timeout=self.deadline_s)
+                code = "OK"
+            except InferenceServerException as err:
+                code = str(err).split("]")[0].strip("[")
+                time.sleep(0.05)
+            self.outcomes.append((code, time.monotonic() - began))
+
+    def codes(self, since: int = 0) -> List[str]:
+        return [code for code, _ in self.outcomes[since:]]
+
+    def __enter__(self) -> "Load":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)

@@ -11,14 +11,12 @@ import time
 import grpc
 import numpy as np
 import pytest
-import torch
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from helpers.launching import SMOKE, launch, ok
-from helpers.serving import ServingJob, digits_rows, triton_input
-from rpc_train.serve.source import build_served, served_model
+from helpers.launching import launch
+from helpers.serving import Load, ServingJob, digits_rows, served_reference, triton_input
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -27,23 +25,11 @@ LIMITS = ["serve.max_batch_size=32", "serve.max_message_mb=0.05"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run = tmp_path_factory.mktemp("trained") / "run"
-    ok(launch(SMOKE, run))
-    return run
-
-
-@pytest.fixture(scope="module")
 def server(trained, tmp_path_factory):
     job = ServingJob(trained, tmp_path_factory.mktemp("serve") / "run", LIMITS).wait_ready()
     yield job
     job.stop()
     assert job.proc.returncode == 0, job.output[-3000:]
-
-
-def reference(trained, rows: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return build_served(served_model(str(trained), None))(torch.from_numpy(rows)).numpy()
 
 
 def test_tritonclient_gets_what_the_model_computes(server, trained):
@@ -55,7 +41,7 @@ def test_tritonclient_gets_what_the_model_computes(server, trained):
     assert client.get_server_metadata().name == "rpc_train"
     rows = digits_rows(5)
     answer = client.infer("mlp", [triton_input(rows)]).as_numpy("logits")
-    np.testing.assert_allclose(answer, reference(trained, rows), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(answer, served_reference(trained, rows), rtol=0, atol=1e-5)
 
 
 def test_typed_contents_are_accepted_too(server, trained):
@@ -65,7 +51,7 @@ def test_typed_contents_are_accepted_too(server, trained):
     tensor.contents.fp32_contents.extend(rows.flatten().tolist())
     reply = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.url)).ModelInfer(request, timeout=30)
     logits = np.frombuffer(reply.raw_output_contents[0], dtype="<f4").reshape(list(reply.outputs[0].shape))
-    np.testing.assert_allclose(logits, reference(trained, rows), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(logits, served_reference(trained, rows), rtol=0, atol=1e-5)
 
 
 def test_the_projects_own_client_reports_accuracy_and_latency(server):
@@ -85,7 +71,7 @@ def test_the_health_service_says_serving(server):
 
 def test_concurrent_clients_are_batched_and_each_gets_its_own_rows(server, trained):
     rows = digits_rows(64)
-    expected = reference(trained, rows)
+    expected = served_reference(trained, rows)
     sizes, errors = [], []
 
     def one_client(i: int) -> None:
@@ -154,7 +140,7 @@ def test_a_bad_request_gets_a_clear_status_and_the_server_goes_on(server, traine
     got, details = call(server, build(rows))
     assert got == code and needle in details, (got, details)
     answer = triton.InferenceServerClient(server.url).infer("mlp", [triton_input(rows)]).as_numpy("logits")
-    np.testing.assert_allclose(answer, reference(trained, rows), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(answer, served_reference(trained, rows), rtol=0, atol=1e-5)
 
 
 def test_methods_we_do_not_serve_answer_unimplemented(server):
@@ -190,30 +176,14 @@ def test_sigterm_drains_answers_everything_and_exits_0(trained, tmp_path):
     shutil.copytree(trained, found)
     job = ServingJob(None, tmp_path / "run", cwd=tmp_path).wait_ready()
     assert f"serving model 'mlp' from {found}" in job.log()
-    codes, stop, rows = [], threading.Event(), digits_rows(2)
-
-    def load() -> None:
-        client = triton.InferenceServerClient(job.url)
-        while not stop.is_set():
-            try:
-                client.infer("mlp", [triton_input(rows)], client_timeout=20)
-                codes.append("OK")
-            except Exception as err:  # noqa: BLE001 - the status is the point
-                codes.append(str(err).split("]")[0].strip("["))
-                time.sleep(0.05)
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(2)
-    started = time.monotonic()
-    output = job.stop()
-    stop.set()
-    for t in threads:
-        t.join(30)
+    with Load(job.url, digits_rows(2)) as load:
+        time.sleep(2)
+        started = time.monotonic()
+        output = job.stop()
     assert job.proc.returncode == 0, output[-3000:]
     assert time.monotonic() - started < 60
-    assert "OK" in codes and set(codes) <= {"OK", "StatusCode.UNAVAILABLE"}, set(codes)
+    codes = set(load.codes())
+    assert "OK" in codes and codes <= {"OK", "StatusCode.UNAVAILABLE"}, codes
     assert "draining" in job.log()
 
 
@@ -252,7 +222,7 @@ def test_two_stage_replicas_answer_as_one_stage_does(trained, tmp_path):
         rows = digits_rows(8)
         answer = triton.InferenceServerClient(job.url).infer("mlp", [triton_input(rows)]).as_numpy("logits")
         assert "1 replica(s) of 2 stage(s)" in job.log()
-    np.testing.assert_allclose(answer, reference(trained, rows), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(answer, served_reference(trained, rows), rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -261,36 +231,21 @@ def test_a_stopped_replica_leaves_the_rotation_and_every_request_is_answered(tra
     import signal
 
     with ServingJob(trained, tmp_path / "run", ["serve.replica_timeout_s=2"], nproc=3) as job:
-        codes, stop, rows = [], threading.Event(), digits_rows(1)
-
-        def load() -> None:
-            client = triton.InferenceServerClient(job.url)
-            while not stop.is_set():
-                try:
-                    client.infer("mlp", [triton_input(rows)], client_timeout=30)
-                    codes.append("OK")
-                except Exception as err:  # noqa: BLE001
-                    codes.append(str(err))
-
-        threads = [threading.Thread(target=load) for _ in range(4)]
-        for t in threads:
-            t.start()
-        time.sleep(1)
-        replica = job.pid_of(2)
-        os.kill(replica, signal.SIGSTOP)
-        try:
-            time.sleep(6)
-            stopped_at = len(codes)
-            time.sleep(2)
-        finally:
-            os.kill(replica, signal.SIGCONT)
-        deadline = time.monotonic() + 30
-        while "back in rotation" not in job.log() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        stop.set()
-        for t in threads:
-            t.join(60)
+        with Load(job.url, digits_rows(1), deadline_s=30) as load:
+            time.sleep(1)
+            replica = job.pid_of(2)
+            os.kill(replica, signal.SIGSTOP)
+            try:
+                time.sleep(6)
+                stopped_at = len(load.outcomes)
+                time.sleep(2)
+            finally:
+                os.kill(replica, signal.SIGCONT)
+            deadline = time.monotonic() + 30
+            while "back in rotation" not in job.log() and time.monotonic() < deadline:
+                time.sleep(0.5)
         log = job.log()
+    codes = load.codes()
     assert set(codes) == {"OK"}, [c for c in codes if c != "OK"][:3]
     assert len(codes) > stopped_at > 0  # requests went on being answered while it was stopped
     assert "replica 1 (worker2) is out of rotation" in log and "replica 1 (worker2) answers again" in log

@@ -1,19 +1,20 @@
 """Serving as a team would run it: TLS, mutual TLS and a token; the response cache; Prometheus
 metrics read with prometheus_client's parser; TensorBoard scalars read back."""
 
+import os
+import signal
+import time
+
 import grpc
 import numpy as np
 import pytest
-import torch
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from helpers.certs import make_certificates
 from helpers.events import read_scalars
-from helpers.launching import SMOKE, launch, ok
-from helpers.serving import ServingJob, digits_rows, triton_input
-from rpc_train.serve.source import build_served, served_model
+from helpers.serving import Load, ServingJob, digits_rows, served_reference, triton_input
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -21,20 +22,8 @@ TOKEN = "s3cret-token-never-logged"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run = tmp_path_factory.mktemp("trained") / "run"
-    ok(launch(SMOKE, run))
-    return run
-
-
-@pytest.fixture(scope="module")
 def certs(tmp_path_factory):
     return make_certificates(tmp_path_factory.mktemp("certs"))
-
-
-def reference(trained, rows):
-    with torch.no_grad():
-        return build_served(served_model(str(trained), None))(torch.from_numpy(rows)).numpy()
 
 
 def refused(call) -> str:
@@ -58,7 +47,7 @@ def test_tls_with_a_token_refuses_plaintext_and_wrong_tokens_and_keeps_health_op
                                                                  headers={"authorization": "Bearer wrong"}))
         assert "UNAUTHENTICATED" in refused(lambda: client.is_server_ready())
         answer = client.infer("mlp", [triton_input(rows)], headers={"authorization": f"Bearer {TOKEN}"})
-        np.testing.assert_allclose(answer.as_numpy("logits"), reference(trained, rows), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(answer.as_numpy("logits"), served_reference(trained, rows), rtol=0, atol=1e-5)
         health = health_pb2_grpc.HealthStub(grpc.secure_channel(job.url, tls))
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
         plain = triton.InferenceServerClient(job.url)
@@ -80,7 +69,7 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(trained, certs, tmp_p
                                                  private_key=str(client_cert["key"]),
                                                  certificate_chain=str(client_cert["cert"]))
         np.testing.assert_allclose(with_cert.infer("mlp", [triton_input(rows)]).as_numpy("logits"),
-                                   reference(trained, rows), rtol=0, atol=1e-5)
+                                   served_reference(trained, rows), rtol=0, atol=1e-5)
         without = triton.InferenceServerClient(job.url, ssl=True, root_certificates=str(ca))
         assert "UNAVAILABLE" in refused(lambda: without.infer("mlp", [triton_input(rows)], client_timeout=10))
 
@@ -112,8 +101,6 @@ def test_the_cache_answers_repeats_without_a_replica_and_the_metrics_and_scalars
         assert sample(metrics, "rpc_train_serve_replicas_in_rotation") == 2
         for _ in range(20):  # a few more, spread over more than one reporting window
             client.infer("mlp", [triton_input(digits_rows(2))])
-        import time
-
         time.sleep(2.5)
     scalars = read_scalars(job.run_dir)
     for tag in ("serve/latency_ms_p50", "serve/latency_ms_p99", "serve/queue_ms_p50", "serve/batch_size_mean",
@@ -125,55 +112,29 @@ def test_the_cache_answers_repeats_without_a_replica_and_the_metrics_and_scalars
 
 @pytest.mark.slow
 def test_a_killed_replica_restarts_the_world_and_no_request_outlives_its_deadline(trained, tmp_path, monkeypatch):
-    import os
-    import signal
-    import threading
-    import time
-
     monkeypatch.setenv("MAX_RESTARTS", "1")
-    deadline_s, rows = 5.0, digits_rows(1)
+    deadline_s = 5.0
     with ServingJob(trained, tmp_path / "run", ["serve.replica_timeout_s=2"]) as job:
-        outcomes, stop = [], threading.Event()
-
-        def load() -> None:
-            client = triton.InferenceServerClient(job.url)
-            while not stop.is_set():
-                began = time.monotonic()
+        with Load(job.url, digits_rows(1), clients=3, deadline_s=deadline_s) as load:
+            time.sleep(1)
+            replica = job.pid_of(2)
+            killed = time.monotonic()
+            os.kill(replica, signal.SIGKILL)
+            health = health_pb2_grpc.HealthStub(grpc.insecure_channel(job.url))
+            while time.monotonic() - killed < 120:
                 try:
-                    client.infer("mlp", [triton_input(rows)], client_timeout=deadline_s)
-                    code = "OK"
-                except InferenceServerException as err:
-                    code = str(err).split("]")[0].strip("[")
-                    time.sleep(0.05)
-                outcomes.append((code, time.monotonic() - began))
-
-        threads = [threading.Thread(target=load) for _ in range(3)]
-        for t in threads:
-            t.start()
-        time.sleep(1)
-        replica = job.pid_of(2)
-        killed = time.monotonic()
-        os.kill(replica, signal.SIGKILL)
-        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(job.url))
-        while time.monotonic() - killed < 120:
-            try:
-                if job.pid_of(2) != replica and health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-        back_s, answered_before = time.monotonic() - killed, len(outcomes)
-        # The clients' own channels reconnect after gRPC's backoff (up to ~10 s after a 12 s outage).
-        while "OK" not in [code for code, _ in outcomes[answered_before:]] and time.monotonic() - killed < back_s + 30:
-            time.sleep(0.2)
-        stop.set()
-        for t in threads:
-            t.join(30)
+                    if job.pid_of(2) != replica and health.Check(health_pb2.HealthCheckRequest(), timeout=1).status \
+                            == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+            back_s, answered_before = time.monotonic() - killed, len(load.outcomes)
+            # The clients' own channels reconnect after gRPC's backoff (up to ~10 s after a 12 s outage).
+            while "OK" not in load.codes(answered_before) and time.monotonic() - killed < back_s + 30:
+                time.sleep(0.2)
     print(f"serving again {back_s:.1f} s after the replica was killed")  # docs/benchmarks.md quotes it
     assert back_s < 120 and job.pid_of(2) != replica, job.log()[-2000:]
-    codes = {code for code, _ in outcomes}
-    assert codes <= {"OK", "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"}, codes
-    assert max(seconds for _, seconds in outcomes) < deadline_s + 1.0  # nothing hung past its deadline
-    after = [code for code, _ in outcomes[answered_before:]]
-    assert "OK" in after, {c: after.count(c) for c in set(after)}  # and it answers again
+    assert set(load.codes()) <= {"OK", "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"}, set(load.codes())
+    assert max(seconds for _, seconds in load.outcomes) < deadline_s + 1.0  # nothing hung past its deadline
+    assert "OK" in load.codes(answered_before)  # and it answers again
