@@ -1,0 +1,98 @@
+"""Load for a serving job from real gRPC clients in processes of their own.
+
+Closed loop: each client sends a one-row request, waits for the answer, sends the next.
+Open loop: requests leave at Poisson-distributed times at a set total rate, whether or not
+earlier ones have been answered (what a crowd of users does), each client process its share.
+Every answer's latency and the batch it rode in (the reply's `batch_rows`) are kept.
+"""
+
+import multiprocessing as mp
+import random
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+
+WARMUP_S = 1.0  # answers in the first second are not counted: connections and caches warm up
+
+
+@dataclass
+class LoadResult:
+    latencies_ms: List[float] = field(default_factory=list)
+    batch_rows: List[int] = field(default_factory=list)
+    errors: int = 0
+    seconds: float = 0.0
+
+    def merge(self, other: "LoadResult") -> None:
+        self.latencies_ms += other.latencies_ms
+        self.batch_rows += other.batch_rows
+        self.errors += other.errors
+        self.seconds = max(self.seconds, other.seconds)
+
+
+def _client(url: str, model: str, shape: List[int], duration_s: float, rate: Optional[float], seed: int,
+            results) -> None:
+    import grpc
+
+    from rpc_train.serve.client import infer_request
+    from rpc_train.serve.protocol import Stub
+
+    stub = Stub(grpc.insecure_channel(url))
+    request = infer_request(model, np.random.default_rng(seed).standard_normal((1, *shape)).astype(np.float32))
+    out, rng = LoadResult(), random.Random(seed)
+    start = time.monotonic()
+    counted_from, end = start + WARMUP_S, start + WARMUP_S + duration_s
+
+    def record(sent: float, reply=None, failed: bool = False) -> None:
+        if sent < counted_from:
+            return
+        if failed:
+            out.errors += 1
+            return
+        out.latencies_ms.append(1e3 * (time.monotonic() - sent))
+        out.batch_rows.append(reply.parameters["batch_rows"].int64_param)
+
+    if rate is None:
+        while time.monotonic() < end:
+            sent = time.monotonic()
+            try:
+                record(sent, stub.ModelInfer(request, timeout=30))
+            except grpc.RpcError:
+                record(sent, failed=True)
+    else:
+        pending, next_at = [], start
+        while next_at < end:
+            next_at += rng.expovariate(rate)
+            time.sleep(max(0.0, next_at - time.monotonic()))
+            sent = time.monotonic()
+            future = stub.ModelInfer.future(request, timeout=30)
+            future.add_done_callback(lambda f, sent=sent: record(sent, f.result()) if f.code() == grpc.StatusCode.OK
+                                     else record(sent, failed=True))
+            pending.append(future)
+        for future in pending:
+            try:
+                future.result()
+            except grpc.RpcError:
+                pass
+    out.seconds = duration_s
+    results.put(out)
+
+
+def run_load(url: str, model: str, shape: List[int], clients: int, duration_s: float,
+             rate: Optional[float] = None) -> LoadResult:
+    """`clients` processes for `duration_s` (after a warm-up second); closed loop, or open loop at
+    `rate` requests/s in all."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    share = None if rate is None else rate / clients
+    procs = [ctx.Process(target=_client, args=(url, model, shape, duration_s, share, seed, results), daemon=True)
+             for seed in range(clients)]
+    for p in procs:
+        p.start()
+    total = LoadResult()
+    for _ in procs:
+        total.merge(results.get(timeout=duration_s + 120))
+    for p in procs:
+        p.join(10)
+    return total
