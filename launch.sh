@@ -15,6 +15,7 @@
 #   PYTHON         interpreter to use (default python3)
 # Exit status: 0 when every rank succeeded, 2 for a bad value found before any process starts,
 # otherwise non-zero (a configuration error found mid-run, by the driver, exits 1).
+# With mode=serve, SIGTERM or Ctrl-C drains the front end and every rank exits 0.
 set -euo pipefail
 
 NPROC=${NPROC:-3}
