@@ -15,7 +15,7 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from helpers.launching import launch
+from helpers.launching import launch, ok
 from helpers.serving import Load, ServingJob, digits_rows, served_reference, triton_input
 
 pytestmark = pytest.mark.timeout(300)
@@ -249,3 +249,29 @@ def test_a_stopped_replica_leaves_the_rotation_and_every_request_is_answered(tra
     assert set(codes) == {"OK"}, [c for c in codes if c != "OK"][:3]
     assert len(codes) > stopped_at > 0  # requests went on being answered while it was stopped
     assert "replica 1 (worker2) is out of rotation" in log and "replica 1 (worker2) answers again" in log
+
+
+def test_a_batch_norm_model_answers_each_row_as_it_does_alone(tmp_path):
+    # The convnet's batch norm runs in eval mode: its running statistics, never the batch's own,
+    # so rows that share a batch cannot change each other's answers.
+    run = tmp_path / "convnet"
+    ok(launch(["experiment=smoke", "model=convnet", "data=synthetic", "trainer.max_steps=3"], run))
+    rows = np.random.default_rng(0).standard_normal((12, 3, 32, 32)).astype(np.float32)
+    expected = served_reference(run, rows)
+    with ServingJob(run, tmp_path / "serve", ["serve.max_queue_delay_ms=200"]) as job:
+        answers, sizes = {}, []
+
+        def ask(i: int) -> None:
+            reply = triton.InferenceServerClient(job.url).infer("convnet", [triton_input(rows[i:i + 1])])
+            answers[i] = reply.as_numpy("logits")
+            sizes.append(reply.get_response().parameters["batch_rows"].int64_param)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(rows))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert max(sizes) > 1, "the rows never shared a batch: the test would prove nothing"
+    for i, answer in answers.items():
+        np.testing.assert_allclose(answer, expected[i:i + 1], rtol=0, atol=1e-5)
+    assert len(answers) == len(rows)

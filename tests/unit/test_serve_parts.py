@@ -79,3 +79,23 @@ def test_the_newest_trained_run_is_found_and_a_missing_one_is_a_clear_error(tmp_
     assert newest_run().endswith("00-00-01-new")
     with pytest.raises(ConfigError, match=r"no \.hydra/config\.yaml there"):
         served_model(newest_run(), None)
+
+
+def test_the_dispatcher_is_not_ready_and_refuses_while_no_replica_is_in_rotation():
+    from rpc_train.serve.dispatch import BatchingLimits, Dispatcher, Refused, Replica
+
+    replicas = [Replica(replica=0, workers=["worker1"], in_rotation=False)]
+    dispatcher = Dispatcher(replicas, POLICIES["least_loaded"](), BatchingLimits(4, 1, 0.0, 8, 1.0))
+    try:
+        assert not dispatcher.ready()
+        with pytest.raises(Refused) as err:
+            dispatcher.submit(torch.zeros(1, 1, 8, 8), None)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and "no replica is in rotation" in err.value.message
+        replicas[0].in_rotation = True
+        assert dispatcher.ready()
+        with pytest.raises(Refused) as err:  # 9 rows: over serve.max_queue_size=8
+            dispatcher.submit(torch.zeros(9, 1, 8, 8), None)
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        dispatcher.drain(timeout_s=1)
+    assert not dispatcher.ready()  # draining: no new request is taken
