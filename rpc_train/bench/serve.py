@@ -25,7 +25,7 @@ import torch
 
 from rpc_train.bench.loadgen import LoadResult, run_load
 from rpc_train.metrics.table import format_table
-from rpc_train.runtime.local_world import free_port
+from rpc_train.runtime.local_world import free_service_port
 from rpc_train.runtime.world import usable_cores
 from rpc_train.serve.source import build_served, served_model
 
@@ -82,7 +82,7 @@ def serving(run: Path, nproc: int, overrides: List[str]) -> Iterator[str]:
     """A serving job on a free port, ready; drained and gone afterwards. Yields its address."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    port = free_port()
+    port = free_service_port()
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as run_dir:
         env = {**os.environ, "RUN_DIR": run_dir, "PYTHON": sys.executable, "NPROC": str(nproc)}
         proc = subprocess.Popen([str(REPO / "launch.sh"), "mode=serve", f"serve.run={run}", f"serve.port={port}",

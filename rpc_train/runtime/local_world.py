@@ -32,6 +32,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_service_port(low: int = 20000, high: int = 32000) -> int:
+    """A free port for a server that binds it later (a serving job's gRPC and metrics ports).
+
+    Picked below Linux's ephemeral range (32768-60999), where `free_port`'s come from: between
+    the pick and the bind, the job's own TensorPipe and rendezvous sockets take ephemeral ports,
+    and one of them had taken a port picked that way.
+    """
+    import random
+
+    for _ in range(100):
+        port = random.randint(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")
+
+
 def _exit_with_parent() -> None:
     """End this child if the bench process dies without stopping it (SIGKILL, a test timeout).
 

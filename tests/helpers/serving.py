@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 
 from helpers.launching import REPO, launch_env
-from rpc_train.runtime.local_world import free_port
+from rpc_train.runtime.local_world import free_service_port
 
 
 class ServingJob:
@@ -19,7 +19,7 @@ class ServingJob:
                  credentials: Optional["grpc.ChannelCredentials"] = None):
         """`credentials`: how to reach a TLS job (grpc.ssl_channel_credentials)."""
         self.credentials = credentials
-        self.port, self.metrics_port, self.run_dir = free_port(), free_port(), run_dir
+        self.port, self.metrics_port, self.run_dir = free_service_port(), free_service_port(), run_dir
         self.url = f"localhost:{self.port}"
         serve_run = [f"serve.run={run}"] if run else []
         self.proc = subprocess.Popen([str(REPO / "launch.sh"), "mode=serve", *serve_run, f"serve.port={self.port}",
