@@ -4,7 +4,11 @@ One table of training samples/s: single-process training in this process with a 
 N x b for each N, then real `./launch.sh mode=parameter_server` jobs with N trainers of batch b,
 sync and async. A sync job with N trainers computes exactly what the single process with
 batch N x b does, so that row is its reference. Each job's rate is the mean of its logged
-`throughput/samples_per_s` windows after the first (start-up) window.
+`throughput/samples_per_s` windows after the first (start-up) window. With `--repeats R` every
+job runs R times, sync and async alternating (and which goes first alternating too), and each
+row is the median of its R rates: on a shared 2-core machine one job's rate swings by more
+than the difference between the modes, so one pair of jobs decides nothing. The last column
+is async over sync for the same trainer count, from the medians.
 """
 
 import argparse
@@ -27,8 +31,9 @@ from rpc_train.metrics.table import format_table
 from rpc_train.runtime.world import usable_cores
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout, where launch.sh is
-COLUMNS = ["setup", "trainers", "batch", "rate", "vs_single", "vs_one"]
-HEADERS = ["setup", "trainers", "batch/step", "samples/s", "vs single-process", "vs 1 trainer"]
+COLUMNS = ["setup", "trainers", "batch", "rate", "spread", "vs_single", "vs_one", "vs_sync"]
+HEADERS = ["setup", "trainers", "batch/step", "samples/s", "min-max", "vs single-process", "vs 1 trainer",
+           "async / sync"]
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -39,9 +44,12 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=60, help="steps per trainer in each job")
     p.add_argument("--log-every", type=int, default=10, help="steps per throughput window")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of every job; rows are medians")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds each job may run")
     args = p.parse_args(argv)
     args.trainers = [int(n) for n in args.trainers.split(",") if n.strip()]
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     return args
 
 
@@ -67,10 +75,10 @@ def single_process_row(args: argparse.Namespace, trainers: int) -> Dict:
         engine.train_step(x, y)
         seconds.append(time.perf_counter() - started)
     rate = cfg.trainer.batch_size / statistics.median(seconds)
-    return {"setup": "single-process", "trainers": "-", "batch": cfg.trainer.batch_size, "rate": rate}
+    return {"setup": "single-process", "trainers": "-", "batch": cfg.trainer.batch_size, "rate": rate, "spread": "-"}
 
 
-def ps_row(args: argparse.Namespace, trainers: int, sync: bool) -> Dict:
+def ps_rate(args: argparse.Namespace, trainers: int, sync: bool) -> float:
     """One real launch; its mean logged throughput after the first window."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -85,18 +93,36 @@ def ps_row(args: argparse.Namespace, trainers: int, sync: bool) -> Dict:
         acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
         acc.Reload()
         windows = [e.value for e in acc.Scalars("throughput/samples_per_s")]
-    rate = statistics.mean(windows[1:] or windows)
-    return {"setup": f"parameter server, {'sync' if sync else 'async'}", "trainers": trainers,
-            "batch": trainers * args.batch_size, "rate": rate}
+    return statistics.mean(windows[1:] or windows)
+
+
+def ps_rows(args: argparse.Namespace) -> List[Dict]:
+    """Every job --repeats times, sync and async interleaved; one row of medians per job."""
+    rates: Dict[tuple, List[float]] = {}
+    for repeat in range(args.repeats):
+        # Alternate which mode goes first, so a slow stretch of the machine hits both alike.
+        for sync in ((True, False) if repeat % 2 == 0 else (False, True)):
+            for n in args.trainers:
+                rates.setdefault((sync, n), []).append(ps_rate(args, n, sync))
+    rows = []
+    for sync in (True, False):
+        for n in args.trainers:
+            runs = rates[(sync, n)]
+            rows.append({"setup": f"parameter server, {'sync' if sync else 'async'}", "trainers": n,
+                         "batch": n * args.batch_size, "rate": statistics.median(runs),
+                         "spread": f"{min(runs):.0f}-{max(runs):.0f}" if len(runs) > 1 else "-"})
+    return rows
 
 
 def add_ratios(rows: List[Dict]) -> None:
     single = {r["batch"]: r["rate"] for r in rows if r["setup"] == "single-process"}
+    sync = {r["trainers"]: r["rate"] for r in rows if r["setup"] == "parameter server, sync"}
     first = {}
     for row in rows:
         row["vs_single"] = row["rate"] / single[row["batch"]]
         first.setdefault(row["setup"], row["rate"])
         row["vs_one"] = row["rate"] / first[row["setup"]] if row["trainers"] != "-" else "-"
+        row["vs_sync"] = row["rate"] / sync[row["trainers"]] if row["setup"].endswith("async") else "-"
 
 
 def _cell(value) -> str:
@@ -111,11 +137,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Single-process rows first and alone: no job competes with them for the cores.
     rows = [single_process_row(args, n) for n in args.trainers]
     torch.set_num_threads(1)  # this process only waits while the jobs run
-    for sync in (True, False):
-        rows += [ps_row(args, n, sync) for n in args.trainers]
+    rows += ps_rows(args)
     add_ratios(rows)
     print(f"machine: {usable_cores()} usable cores, torch {torch.__version__}; "
           f"{args.servers} server(s), b={args.batch_size}, {args.steps} steps a job, "
+          f"median of {args.repeats} run(s) a row, "
           f"overrides: {args.override or '-'}")
     print(format_table(rows, COLUMNS, HEADERS, _cell))
     return 0
