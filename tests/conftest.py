@@ -2,6 +2,7 @@
 
 import pytest
 
+from helpers.jobs import Job
 from helpers.launching import SMOKE, launch, ok
 
 
@@ -19,3 +20,17 @@ def trained(tmp_path_factory):
     run = tmp_path_factory.mktemp("trained") / "run"
     ok(launch(SMOKE, run))
     return run
+
+
+@pytest.fixture
+def job_factory():
+    """Start background launches (helpers.jobs.Job); every one is ended after the test."""
+    jobs = []
+
+    def start(*args, **kwargs):
+        jobs.append(Job(*args, **kwargs))
+        return jobs[-1]
+
+    yield start
+    for job in jobs:
+        job.close()
