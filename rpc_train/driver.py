@@ -1,6 +1,6 @@
 """The driver (rank 0): runs the job's mode, logs to TensorBoard, writes the final model and metrics.
 
-Each mode's `fit(cfg, world_size, logger)` (pipeline/driver.py, ps/driver.py) builds its workers,
+Each mode's `fit(cfg, world_size, logger)` (pipeline/driver.py, ps/driver.py, hybrid/driver.py) builds its workers,
 trains and returns the final metrics with a function that gathers the trained state.
 """
 
@@ -22,6 +22,8 @@ def drive(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     # Imported by mode: a pipeline job never loads ps/, nor a parameter-server job pipeline/.
     if cfg.mode.name == "parameter_server":
         from rpc_train.ps.driver import fit_parameter_server as fit
+    elif cfg.mode.name == "hybrid":
+        from rpc_train.hybrid.driver import fit_hybrid as fit
     else:
         from rpc_train.pipeline.driver import fit_pipeline as fit
     logger = RunLogger(run_dir)

@@ -6,7 +6,8 @@ and the workers serve it until it shuts the world down.
 
 import os
 import sys
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -43,10 +44,27 @@ def train(cfg: DictConfig) -> Optional[dict]:
     validate(cfg, world.size)
     check_device(cfg.device)  # on every rank, before the device maps are built from the GPU count
     configure_process(cfg.runtime, world)
-    with rpc_session(cfg.runtime, world, stage_device_maps(cfg, world)):
+    # The DDP group outside the RPC session: a worker's body returns at once and waits in the
+    # session's shutdown while the driver still trains through it, so the group must outlive that.
+    with dense_group_of(cfg, world), rpc_session(cfg.runtime, world, stage_device_maps(cfg, world)):
         if world.is_driver:
             return driver_job(cfg)(cfg, world.size, HydraConfig.get().runtime.output_dir)
     return None
+
+
+@contextmanager
+def dense_group_of(cfg: DictConfig, world) -> Iterator[None]:
+    """mode=hybrid: the trainers' DDP group, which every rank helps create; nothing otherwise."""
+    if cfg.mode.name != "hybrid":
+        yield
+        return
+    from rpc_train.hybrid.group import join_dense_group, leave_dense_group
+
+    join_dense_group(cfg.device, cfg.hybrid.servers, world.rank, world.size, cfg.runtime.rpc_timeout_s)
+    try:
+        yield
+    finally:
+        leave_dense_group()
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

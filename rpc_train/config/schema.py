@@ -14,12 +14,14 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 # The values some settings take; validate.py checks them, the code that uses them imports them.
-MODES = ("pipeline", "parameter_server", "serve")
+MODES = ("pipeline", "parameter_server", "serve", "hybrid")
 ROUTINGS = ("least_loaded", "round_robin", "power_of_two")
 DEVICES = ("cpu", "cuda")
 BALANCE_STRATEGIES = ("params", "time")
 SCHEDULES = ("gpipe", "1f1b")
 BALANCE_HELP = "'params', 'time', or a list of layer counts per stage such as [3,2]"
+SHARDINGS = ("table", "row")
+EMBEDDING_OPTIMS = ("sgd", "rowwise_adagrad")
 
 
 def num_stages(pipeline, world_size: int) -> int:
@@ -98,6 +100,32 @@ class PSConf:
 
 
 @dataclass
+class HybridConf:
+    """mode=hybrid: rank 0 drives, ranks 1..servers hold embedding shards, the rest train under DDP."""
+
+    # Ranks that hold embedding shards (and their optimizers); the ranks after them train.
+    servers: int = 1
+    # "table": whole tables on servers, balanced by rows x dim, largest first; "row": every
+    # table split into contiguous row ranges, one per server.
+    sharding: str = "table"
+    # true: a step's embedding gradients from every trainer are averaged before a server applies
+    # them (N trainers at batch b compute what one process at batch N x b does); false: each
+    # trainer's gradient is applied as it arrives (its staleness is at most 2 x (trainers - 1):
+    # the dense part's all-reduce keeps the trainers within a step of each other).
+    sync: bool = True
+    # The tables' optimizer, one per shard on its server: "sgd" or "rowwise_adagrad" (one
+    # accumulator a row, as DLRM and TorchRec use); either updates only the rows a step touched.
+    embedding_optim: str = "sgd"
+    embedding_lr: float = 0.1
+    # Async only: a gradient computed `s` updates ago takes 1/s of a step (training/staleness.py).
+    staleness_lr: bool = False
+    # Clip each gradient a server applies (its shard's part) to this L2 norm; null: no clipping.
+    clip_grad_norm: Optional[float] = None
+    # As ps.step_hook: a `_target_` callable each trainer calls as hook(trainer_id, step) before each step.
+    step_hook: Any = None
+
+
+@dataclass
 class TLSConf:
     # PEM files: the server's certificate and key turn TLS on; a client CA makes it mutual (every
     # client must present a certificate that CA signed).
@@ -169,7 +197,12 @@ class DataConf:
     # Samples in the synthetic dataset.
     size: int = 1024
     # Keep only the first N training samples after the split (smoke runs); null keeps all.
+    # data=criteo: read only the first N lines of the file.
     limit: Optional[int] = None
+    # Click data (mode=hybrid): rows of each categorical feature's embedding table, and the
+    # file under `root` that data=criteo reads.
+    table_rows: Optional[List[int]] = None
+    file: str = "train.txt"
 
 
 @dataclass
@@ -211,6 +244,7 @@ class Config:
     pipeline: PipelineConf = field(default_factory=PipelineConf)
     ps: PSConf = field(default_factory=PSConf)
     serve: ServeConf = field(default_factory=ServeConf)
+    hybrid: HybridConf = field(default_factory=HybridConf)
     trainer: TrainerConf = field(default_factory=TrainerConf)
     seed: int = 0
     # "cpu" or "cuda"; with cuda, stage k runs on cuda:(k mod #gpus).

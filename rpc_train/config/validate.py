@@ -10,7 +10,9 @@ from typing import Iterator, Sequence
 from omegaconf import DictConfig
 
 from rpc_train.config.errors import ConfigError
-from rpc_train.config.schema import BALANCE_HELP, BALANCE_STRATEGIES, DEVICES, MODES, ROUTINGS, SCHEDULES, num_stages
+from rpc_train.config.schema import (BALANCE_HELP, BALANCE_STRATEGIES, DEVICES, EMBEDDING_OPTIMS, MODES, ROUTINGS,
+                                     SCHEDULES, SHARDINGS, num_stages)
+from rpc_train.data.files import CLICK_DATASETS
 
 
 def _positive(name: str, value) -> Iterator[str]:
@@ -31,8 +33,11 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
     if trainer.max_steps is not None:
         yield from _positive("trainer.max_steps", trainer.max_steps)
     yield from _checkpoint_problems(cfg)
-    parameter_server, serving = cfg.mode.name == "parameter_server", cfg.mode.name == "serve"
-    if not (parameter_server or serving):
+    parameter_server, serving, hybrid = (cfg.mode.name == m for m in ("parameter_server", "serve", "hybrid"))
+    if hybrid != (cfg.data.name in CLICK_DATASETS):
+        yield (f"data={cfg.data.name} with mode={cfg.mode.name}: the click datasets ({', '.join(CLICK_DATASETS)}) "
+               "train with mode=hybrid only, and mode=hybrid trains on them only")
+    if not (parameter_server or serving or hybrid):
         yield from _micro_batch_problems(cfg.pipeline, trainer.batch_size, cfg.runtime.num_worker_threads)
     if world_size < 2:
         yield (f"world size {world_size} (NPROC x NNODES): rpc_train needs at least 2 processes, "
@@ -40,6 +45,8 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
         return
     if parameter_server:
         yield from _ps_problems(cfg, world_size)
+    elif hybrid:
+        yield from _hybrid_problems(cfg, world_size)
     elif serving:
         yield from _serve_problems(cfg.serve, world_size)
     else:
@@ -120,6 +127,37 @@ def _ps_problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
     if cfg.device != "cpu":
         yield (f"device={cfg.device}: mode=parameter_server runs on CPU only (servers and trainers "
                "exchange CPU tensors); use device=cpu")
+
+
+def _hybrid_problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
+    """A driver, hybrid.servers embedding servers, >= 1 trainer; settings the mode has."""
+    hybrid = cfg.hybrid
+    if hybrid.servers is None or hybrid.servers < 1:
+        yield f"hybrid.servers={hybrid.servers}: must be a positive integer (ranks holding embedding shards)"
+    elif hybrid.servers > world_size - 2:
+        yield (f"hybrid.servers={hybrid.servers} leaves no trainer in a world of {world_size} (NPROC x NNODES): "
+               f"need NPROC >= hybrid.servers + 2 = {hybrid.servers + 2} (driver, servers, a trainer)")
+    if hybrid.sharding not in SHARDINGS:
+        yield f"hybrid.sharding={hybrid.sharding}: expected one of {', '.join(SHARDINGS)}"
+    if hybrid.embedding_optim not in EMBEDDING_OPTIMS:
+        yield f"hybrid.embedding_optim={hybrid.embedding_optim}: expected one of {', '.join(EMBEDDING_OPTIMS)}"
+    if not hybrid.embedding_lr > 0:
+        yield f"hybrid.embedding_lr={hybrid.embedding_lr}: must be a positive learning rate"
+    if hybrid.clip_grad_norm is not None and not hybrid.clip_grad_norm > 0:
+        yield f"hybrid.clip_grad_norm={hybrid.clip_grad_norm}: must be a positive norm, or null for no clipping"
+    rows = cfg.data.table_rows
+    if not rows or not all(isinstance(r, int) and r >= 1 for r in rows):
+        yield f"data.table_rows={rows}: must list each categorical feature's table size, positive integers"
+    elif hybrid.sharding == "row" and min(rows) < (hybrid.servers or 1):
+        t = min(range(len(rows)), key=lambda i: rows[i])
+        yield (f"hybrid.sharding=row: table {t} has {rows[t]} rows, fewer than the {hybrid.servers} servers it "
+               "would be split over; use hybrid.sharding=table or fewer servers")
+    if cfg.trainer.skip_nonfinite:
+        yield ("trainer.skip_nonfinite=true: mode=hybrid stops on a non-finite loss (a sync step needs every "
+               "trainer's gradient); use trainer.skip_nonfinite=false")
+    if cfg.checkpoint.every_steps:
+        yield (f"checkpoint.every_steps={cfg.checkpoint.every_steps}: mode=hybrid does not write checkpoints "
+               "yet; use checkpoint.every_steps=0")
 
 
 def _serve_problems(serve: DictConfig, world_size: int) -> Iterator[str]:

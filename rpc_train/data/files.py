@@ -16,10 +16,11 @@ import os
 
 from rpc_train.config.errors import ConfigError
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic", "criteo", "synthetic_clicks")
+CLICK_DATASETS = ("criteo", "synthetic_clicks")  # mode=hybrid's, read by data/clicks.py
 
 # Datasets that are generated or bundled with a package, so never need files.
-_NO_FILES = ("digits", "synthetic")
+_NO_FILES = ("digits", "synthetic", "synthetic_clicks")
 
 # torchvision names the folder after the dataset class.
 MNIST_CLASS_NAMES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
@@ -47,6 +48,12 @@ def check_available(data) -> None:
         return
     # torchvision expands ~ itself; abspath only makes the message say where a relative root led.
     root = os.path.abspath(os.path.expanduser(data.root))
+    if data.name == "criteo":
+        path = os.path.join(root, data.file)
+        if not os.path.isfile(path):
+            raise ConfigError(f"data=criteo: no file {path} (data.root={data.root}, data.file={data.file}); put "
+                              "Criteo's train.txt (or a day_N file) there, or set data.root and data.file")
+        return
     if data.name == "cifar10":
         label, folder, missing = "CIFAR-10", *_missing_cifar10(root)
         only_gz = False

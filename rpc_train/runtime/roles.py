@@ -1,7 +1,8 @@
 """What each rank is in a job: which worker hosts which stage, and its device maps.
 
 Pipeline mode: rank k+1 hosts stage k. Parameter-server mode: ranks 1..ps.servers host the
-parameter shards and every later rank is a trainer. Rank 0 always drives.
+parameter shards and every later rank is a trainer; hybrid mode splits the same way by
+hybrid.servers. Rank 0 always drives.
 """
 
 from dataclasses import dataclass
@@ -37,7 +38,15 @@ class ParameterServerRoles:
 
 def ps_roles(cfg: DictConfig, world_size: int) -> ParameterServerRoles:
     """Ranks 1..ps.servers serve parameter shards; the rest train (config/validate.py checks the split)."""
-    servers = cfg.ps.servers
+    return server_trainer_roles(cfg.ps.servers, world_size)
+
+
+def hybrid_roles(cfg: DictConfig, world_size: int) -> ParameterServerRoles:
+    """Ranks 1..hybrid.servers hold embedding shards; the rest train under DDP."""
+    return server_trainer_roles(cfg.hybrid.servers, world_size)
+
+
+def server_trainer_roles(servers: int, world_size: int) -> ParameterServerRoles:
     return ParameterServerRoles(
         servers=[worker_name(rank) for rank in range(1, servers + 1)],
         trainers=[worker_name(rank) for rank in range(servers + 1, world_size)],

@@ -53,6 +53,10 @@ def served_model(run: Optional[str], model_name: Optional[str]) -> ServedModel:
             raise ConfigError(f"serve.run={run_dir}: no {needed} there; give a run directory that training "
                               f"wrote (it holds {MODEL_FILE} and {CONFIG_FILE})")
     cfg = OmegaConf.load(os.path.join(run_dir, CONFIG_FILE))
+    if cfg.mode.name == "hybrid":
+        # Its input is dense features and categorical indices, two tensors the served protocol's one does not carry.
+        raise ConfigError(f"serve.run={run_dir}: a mode=hybrid run (a DLRM); serving takes image and digits models "
+                          "only; give a run of mode=pipeline or mode=parameter_server")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     return ServedModel(run_dir=run_dir, name=model_name or _model_option(run_dir, model_cfg), model_cfg=model_cfg,
                        seed=int(cfg.seed), shape=list(cfg.data.shape), num_classes=int(cfg.data.num_classes))

@@ -1,4 +1,5 @@
-"""Fault drills for the parameter-server trainers, installed through `ps.step_hook`.
+"""Fault drills for the parameter-server and hybrid trainers, installed through `ps.step_hook`
+or `hybrid.step_hook`.
 
     ps.step_hook={_target_:helpers.faults.FailAt,trainer:1,step:7}              # raise there
     ps.step_hook={_target_:helpers.faults.FailAt,trainer:1,step:7,stall:true}   # hang there

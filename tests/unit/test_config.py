@@ -19,7 +19,10 @@ def options(group: str):
     return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("model", options("model"))
+IMAGE_MODELS = [m for m in options("model") if m != "dlrm"]  # the DLRM reads click data: below
+
+
+@pytest.mark.parametrize("model", IMAGE_MODELS)
 @pytest.mark.parametrize("data", ["digits", "cifar10"])
 def test_every_model_builds_for_its_data_and_runs(model, data):
     cfg = compose([f"model={model}", f"data={data}"])
@@ -27,6 +30,15 @@ def test_every_model_builds_for_its_data_and_runs(model, data):
     assert isinstance(net, torch.nn.Sequential) and len(net) >= 3
     out = net.eval()(torch.randn(2, *cfg.data.shape))
     assert out.shape == (2, cfg.data.num_classes)
+
+
+@pytest.mark.parametrize("data", ["synthetic_clicks", "criteo"])
+def test_the_dlrm_builds_for_each_click_dataset_and_runs(data):
+    cfg = compose(["experiment=dlrm_synthetic", f"data={data}"])
+    net = instantiate(cfg.model)
+    rows = list(cfg.data.table_rows)
+    sparse = torch.stack([torch.tensor([0, r - 1]) for r in rows], dim=1)
+    assert len(net.embeddings) == len(rows) and net.eval()(torch.randn(2, *cfg.data.shape), sparse).shape == (2,)
 
 
 @pytest.mark.parametrize("optim", options("optim"))
@@ -43,8 +55,10 @@ def test_every_optimizer_and_scheduler_binds_to_parameters(optim, scheduler):
 
 @pytest.mark.parametrize("group", ["data", "mode", "experiment"])
 def test_every_option_composes_and_validates(group):
+    hybrid_only = {("data", "criteo"), ("data", "synthetic_clicks"), ("mode", "hybrid")}
     for option in options(group):
-        cfg = compose([f"{group}={option}"])
+        preset = ["experiment=dlrm_synthetic"] if (group, option) in hybrid_only else []
+        cfg = compose([*preset, f"{group}={option}"])
         validate(cfg, world_size=3)
 
 

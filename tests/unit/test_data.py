@@ -12,7 +12,7 @@ from helpers.launching import REPO
 from helpers.datasets import cifar10_md5s, tiny_cifar10_class, write_cifar10, write_mnist
 from rpc_train.config.schema import DataConf
 from rpc_train.data.datasets import CHANNEL_STATS, load_datasets, make_loaders, normalise, read_torchvision
-from rpc_train.data.files import DATASETS, check_available
+from rpc_train.data.files import CLICK_DATASETS, DATASETS, check_available
 from rpc_train.config.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(60)
@@ -37,7 +37,10 @@ def unnormalise(name: str, inputs: torch.Tensor) -> torch.Tensor:
 def test_yaml_merges_into_schema(name):
     conf = data_conf(name)
     assert conf.name == name
-    assert len(conf.shape) == 3 and conf.num_classes == 10
+    if name in CLICK_DATASETS:  # dense features, click or not, a table per categorical feature
+        assert len(conf.shape) == 1 and conf.num_classes == 2 and len(conf.table_rows) >= 1
+    else:
+        assert len(conf.shape) == 3 and conf.num_classes == 10
 
 
 @pytest.mark.parametrize("name, class_name, ink", MNIST_FAMILY)

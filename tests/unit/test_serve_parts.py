@@ -81,6 +81,18 @@ def test_the_newest_trained_run_is_found_and_a_missing_one_is_a_clear_error(tmp_
         served_model(newest_run(), None)
 
 
+def test_a_hybrid_run_is_refused_for_serving_in_one_line(tmp_path):
+    from omegaconf import OmegaConf
+
+    from rpc_train.config.compose import compose
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / "model.pt").write_bytes(b"")
+    OmegaConf.save(compose(["experiment=dlrm_synthetic"]), tmp_path / ".hydra" / "config.yaml")
+    with pytest.raises(ConfigError, match=r"a mode=hybrid run \(a DLRM\); serving takes image and digits models"):
+        served_model(str(tmp_path), None)
+
+
 def test_the_dispatcher_is_not_ready_and_refuses_while_no_replica_is_in_rotation():
     from rpc_train.serve.dispatch import BatchingLimits, Dispatcher, Refused, Replica
 

@@ -1,0 +1,135 @@
+"""The hybrid driver (rank 0): shards the tables, builds servers and trainers, validates.
+
+Each epoch the driver starts every trainer's `run_epoch` by RPC and waits for all of them;
+a trainer or server that fails ends the job with its name. Between epochs it copies the
+servers' rows and trainer 0's dense part into its own plain DLRM, which validation runs and
+`model.pt` is written from.
+"""
+
+import logging
+import time
+from typing import Dict, List
+
+import torch
+import torch.distributed.rpc as rpc
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from rpc_train.config.errors import ConfigError, RunFailure, first_line
+from rpc_train.config.schema import as_dict
+from rpc_train.data.clicks import load_clicks
+from rpc_train.hybrid.evaluate import evaluate_clicks
+from rpc_train.hybrid.model import build_dlrm
+from rpc_train.hybrid.server import EmbeddingServer
+from rpc_train.hybrid.sharding import Piece, plan
+from rpc_train.hybrid.trainer import HybridTrainer
+from rpc_train.metrics.tensorboard import RunLogger
+from rpc_train.runtime.remote import call_all
+from rpc_train.runtime.roles import ParameterServerRoles, hybrid_roles
+from rpc_train.training.protocol import FitResult
+from rpc_train.training.staleness import AsyncUpdateRule
+
+log = logging.getLogger(__name__)
+
+
+class HybridJob:
+    """The servers and trainers the driver built, and its own model copy for validation."""
+
+    def __init__(self, cfg: DictConfig, world_size: int):
+        hybrid, model_cfg = cfg.hybrid, as_dict(cfg.model)
+        self.roles: ParameterServerRoles = hybrid_roles(cfg, world_size)
+        self.model = build_dlrm(model_cfg, cfg.seed).eval()
+        self.held = plan(hybrid.sharding, self.model.table_rows, self.model.embedding_dim, len(self.roles.servers))
+        trainers = len(self.roles.trainers)
+        rule = AsyncUpdateRule(scale_by_staleness=not hybrid.sync and hybrid.staleness_lr,
+                               clip_grad_norm=hybrid.clip_grad_norm)
+        self.servers = [rpc.remote(w, EmbeddingServer, args=(j, self.held[j], model_cfg, cfg.seed, trainers,
+                                                             hybrid.sync, hybrid.embedding_optim, hybrid.embedding_lr,
+                                                             rule))
+                        for j, w in enumerate(self.roles.servers)]
+        self.trainers = [rpc.remote(w, HybridTrainer, args=(
+                             i, trainers, self.roles.servers, self.held, model_cfg, as_dict(cfg.data),
+                             as_dict(cfg.optim), as_dict(cfg.scheduler) or None, cfg.trainer.batch_size, cfg.seed,
+                             cfg.trainer.log_every, cfg.device, as_dict(hybrid.step_hook)))
+                         for i, w in enumerate(self.roles.trainers)]
+        self.per_epoch = call_all(self.trainers, "steps_per_epoch")[0]  # also waits until all are built
+        if self.per_epoch == 0:
+            raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} x {trainers} trainers is more than "
+                              f"the training samples of data={cfg.data.name}; lower trainer.batch_size")
+        call_all(self.servers, "pop_stats")  # rates count from the first step
+        log.info("hybrid (%s, %s sharding): %d server(s) on %s holding %s, %d trainer(s) under DDP on %s",
+                 "sync" if hybrid.sync else "async", hybrid.sharding, len(self.servers), ", ".join(self.roles.servers),
+                 "; ".join(", ".join(p.name for p in pieces) for pieces in self.held), trainers,
+                 ", ".join(self.roles.trainers))
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """The plain models/dlrm.py state_dict: trainer 0's dense part and every server's rows."""
+        state = self.trainers[0].rpc_sync().dense_state()
+        parts: Dict[int, List[tuple]] = {}
+        for pieces, rows in zip(self.held, call_all(self.servers, "state_dict")):
+            for piece in pieces:
+                parts.setdefault(piece.table, []).append((piece.lo, rows[piece.name]))
+        for table, pieces in parts.items():
+            state[f"embeddings.{table}.weight"] = torch.cat([r for _, r in sorted(pieces, key=lambda p: p[0])])
+        return state
+
+
+def run_trainers(job: HybridJob, steps: int) -> List[List[Dict[str, float]]]:
+    """Every trainer's `run_epoch(steps)` at once; the first failure ends the job, named."""
+    # timeout=0: an epoch may take longer than any one RPC; each step's RPCs have their own limit.
+    futures = [t.rpc_async(timeout=0).run_epoch(steps) for t in job.trainers]
+    pending = set(range(len(futures)))
+    while pending:
+        for i in sorted(pending):
+            if futures[i].done():
+                pending.discard(i)
+                try:
+                    futures[i].wait()
+                except RuntimeError as err:
+                    raise RunFailure(f"{job.roles.trainers[i]} (hybrid trainer {i}) failed: {first_line(err)}") from err
+        time.sleep(0.05)
+    return [f.wait() for f in futures]
+
+
+def log_windows(logger: RunLogger, per_trainer: List[List[Dict[str, float]]]) -> Dict[str, float]:
+    """One point a window: the trainers' mean loss and lookup time, their summed samples/s."""
+    last: Dict[str, float] = {}
+    for windows in zip(*per_trainer):
+        seconds = max(w["seconds"] for w in windows)
+        last = {"train/loss": sum(w["train/loss"] for w in windows) / len(windows),
+                "time/lookup_ms": sum(w["time/lookup_ms"] for w in windows) / len(windows),
+                "throughput/samples_per_s": sum(w["samples"] for w in windows) / max(seconds, 1e-9)}
+        logger.scalars(int(windows[0]["step"]), last)
+    return last
+
+
+def server_scalars(job: HybridJob) -> Dict[str, float]:
+    out = {}
+    for j, stats in enumerate(call_all(job.servers, "pop_stats")):
+        for key in ("lookups_per_s", "rows_looked_up_per_s", "rows_updated_per_s", "max_staleness"):
+            out[f"server{j}/{key}"] = stats[key]
+    return out
+
+
+def fit_hybrid(cfg: DictConfig, world_size: int, logger: RunLogger) -> FitResult:
+    started = time.perf_counter()
+    job = HybridJob(cfg, world_size)
+    _, val = load_clicks(cfg.data, cfg.seed)
+    val_loader = DataLoader(val, batch_size=max(cfg.trainer.batch_size, 1024), shuffle=False)
+    total = cfg.trainer.epochs * job.per_epoch
+    total = min(total, cfg.trainer.max_steps) if cfg.trainer.max_steps else total
+    done, final = 0, {}
+    for epoch in range(cfg.trainer.epochs):
+        steps = min(job.per_epoch, total - done)
+        if steps <= 0:
+            break
+        final.update(log_windows(logger, run_trainers(job, steps)))
+        done += steps
+        final.update(server_scalars(job))
+        job.model.load_state_dict(job.state_dict())
+        final.update(evaluate_clicks(job.model, val_loader))
+        logger.scalars(done, {k: v for k, v in final.items() if k.startswith(("val/", "server"))})
+        log.info("epoch %d (step %d): val/auc %.4f, val/logloss %.4f, train/loss %.4f", epoch + 1, done,
+                 final["val/auc"], final["val/logloss"], final["train/loss"])
+    final["time/total_s"] = time.perf_counter() - started
+    return final, job.state_dict

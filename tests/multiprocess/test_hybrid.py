@@ -1,0 +1,130 @@
+"""mode=hybrid for real: torchrun, RPC to the embedding servers, DDP among the trainers.
+
+The reference is the plain DLRM trained in one process (rpc_train/hybrid/local.py) at the
+trainers' summed batch: in sync mode N trainers of batch b must end where it ends.
+"""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from helpers.events import read_scalars
+from helpers.launching import launch, ok
+from rpc_train.config.compose import compose
+from rpc_train.config.schema import as_dict
+from rpc_train.hybrid.local import train_clicks_locally
+from rpc_train.hybrid.model import build_dlrm
+from models.dlrm import DLRM
+
+SHORT = ["experiment=dlrm_synthetic", "data.size=4000", "trainer.epochs=2", "trainer.max_steps=12",
+         "trainer.batch_size=64", "trainer.log_every=4"]
+
+
+def assert_same_state(got: dict, want: dict, atol: float = 1e-5) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=atol, rtol=0), (name, (got[name] - want[name]).abs().max())
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("nproc, setup", [
+    pytest.param(4, ["hybrid.sharding=table", "hybrid.embedding_optim=sgd"], id="table-1-server-sgd"),
+    pytest.param(5, ["hybrid.servers=2", "hybrid.sharding=row", "hybrid.embedding_optim=sgd"],
+                 id="row-2-servers-sgd", marks=pytest.mark.slow),
+    pytest.param(5, ["hybrid.servers=2", "hybrid.sharding=table", "hybrid.embedding_optim=rowwise_adagrad"],
+                 id="table-2-servers-rowwise-adagrad", marks=pytest.mark.slow),
+])
+def test_sync_hybrid_ends_where_one_process_at_the_summed_batch_ends(tmp_path, nproc, setup):
+    overrides = [*SHORT, *setup]
+    run = tmp_path / "run"
+    ok(launch(overrides, run, NPROC=str(nproc)))
+    cfg = compose(overrides)
+    trainers = nproc - 1 - cfg.hybrid.servers
+    want, metrics = train_clicks_locally(cfg, batch_size=trainers * cfg.trainer.batch_size)
+    got = torch.load(run / "model.pt", weights_only=True)
+    assert_same_state(got, want)
+    # model.pt is the plain model's state_dict, and the job trained it.
+    initial = build_dlrm(as_dict(cfg.model), cfg.seed).state_dict()
+    DLRM(13, cfg.data.table_rows).load_state_dict(got)
+    for name in ("top.0.weight", "bottom.0.weight", "embeddings.0.weight", "embeddings.7.weight"):
+        assert not torch.allclose(got[name], initial[name]), name
+    final = json.loads((run / "metrics.json").read_text())
+    assert final["val/auc"] == pytest.approx(metrics["val/auc"], abs=1e-4)
+    scalars = read_scalars(run)
+    for tag in ("train/loss", "throughput/samples_per_s", "time/lookup_ms", "val/auc", "val/logloss",
+                "server0/lookups_per_s", "server0/rows_updated_per_s"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert [step for step, _ in scalars["val/auc"]] == [12]  # 25 steps an epoch, max_steps=12
+    assert [step for step, _ in scalars["train/loss"]] == [4, 8, 12]
+    sharding = cfg.hybrid.sharding
+    assert f"hybrid (sync, {sharding} sharding): {cfg.hybrid.servers} server(s)" in (run / "rank0.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_async_hybrid_trains_to_within_0_02_auc_of_sync(tmp_path):
+    overrides = ["experiment=dlrm_synthetic", "hybrid.sync=false"]
+    run = tmp_path / "run"
+    ok(launch(overrides, run, NPROC="4", timeout=280))
+    cfg = compose(overrides)
+    _, sync = train_clicks_locally(cfg, batch_size=2 * cfg.trainer.batch_size)  # what sync reaches
+    final = json.loads((run / "metrics.json").read_text())
+    assert final["val/auc"] >= sync["val/auc"] - 0.02, (final, sync)
+    assert "hybrid (async, table sharding)" in (run / "rank0.log").read_text()
+    # DDP's all-reduce keeps two trainers within a step: a trainer's lookup may precede the
+    # other's previous update and its own update follow the other's current one, so at most 2.
+    assert {value for _, value in read_scalars(run)["server0/max_staleness"]} <= {0.0, 1.0, 2.0}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("nproc, args, says", [
+    ("4", ["hybrid.servers=3"], "hybrid.servers=3 leaves no trainer in a world of 4"),
+    ("4", ["hybrid.sharding=diagonal"], "hybrid.sharding=diagonal: expected one of table, row"),
+    ("4", ["hybrid.embedding_optim=adam"], "hybrid.embedding_optim=adam: expected one of sgd, rowwise_adagrad"),
+    ("4", ["data=digits"], "data=digits with mode=hybrid: the click datasets"),
+    ("5", ["hybrid.servers=2", "hybrid.sharding=row", "data.table_rows=[5,1]"],
+     "hybrid.sharding=row: table 1 has 1 rows, fewer than the 2 servers"),
+])
+def test_a_bad_hybrid_setting_is_one_line_and_exit_2_before_any_rank_starts(tmp_path, nproc, args, says):
+    result = launch(["experiment=dlrm_synthetic", *args], tmp_path / "run", NPROC=nproc)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1 and says in errors[0], result.stderr[-2000:]
+
+
+@pytest.mark.timeout(180)
+def test_a_raising_trainer_fails_the_job_naming_it(tmp_path):
+    hook = "hybrid.step_hook={_target_:helpers.faults.FailAt,trainer:1,step:5}"
+    result = launch([*SHORT, hook], tmp_path / "run", NPROC="4")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("error: worker3 (hybrid trainer 1) failed: RuntimeError: injected fault at step 5")
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_stopped_embedding_server_fails_the_job_within_the_rpc_timeout_naming_it(tmp_path, job_factory):
+    run = tmp_path / "run"
+    job = job_factory(["experiment=dlrm_synthetic", "trainer.epochs=50", "runtime.rpc_timeout_s=5"], run, NPROC="4")
+    deadline = time.monotonic() + 120
+    while "epoch 1 (step" not in ((run / "rank0.log").read_text() if (run / "rank0.log").exists() else ""):
+        assert job.proc.poll() is None and time.monotonic() < deadline, job.output()
+        time.sleep(0.2)
+    pid = job.rank_pid(1)
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        code = job.proc.wait(timeout=120)
+        elapsed = time.monotonic() - stopped
+    finally:
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGCONT)
+    assert code != 0
+    errors = [line for line in job.stderr_text().splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, job.output()
+    assert "on worker1 (embedding server 0) failed" in errors[0], errors
+    assert elapsed < 35, elapsed

@@ -1,0 +1,56 @@
+"""mode=hybrid's parts in one process: sharding plans, lookup routing, the tables' optimizers,
+and the DLRM preset learning its data."""
+
+import pytest
+import torch
+
+from rpc_train.config.compose import compose
+from rpc_train.config.errors import ConfigError
+from rpc_train.hybrid.local import train_clicks_locally
+from rpc_train.hybrid.optim import RowWiseAdagrad
+from rpc_train.hybrid.sharding import Piece, Router, plan
+
+
+def test_table_sharding_places_whole_tables_largest_first_on_the_least_loaded_server():
+    # 100 -> server 0; 60 and then 50 -> server 1 (240 < 400); 10 -> server 0 (400 < 440).
+    held = plan("table", [100, 10, 60, 50], dim=4, servers=2)
+    assert held == [[Piece(0, 0, 100), Piece(1, 0, 10)], [Piece(2, 0, 60), Piece(3, 0, 50)]]
+
+
+def test_row_sharding_cuts_every_table_into_one_contiguous_range_per_server():
+    held = plan("row", [10, 3], dim=4, servers=3)
+    assert held == [[Piece(0, 0, 3), Piece(1, 0, 1)], [Piece(0, 3, 6), Piece(1, 1, 2)],
+                    [Piece(0, 6, 10), Piece(1, 2, 3)]]
+    with pytest.raises(ConfigError, match="table 1 has 3 rows, fewer than the 4 servers"):
+        plan("row", [10, 3], dim=4, servers=4)
+
+
+def test_the_router_sends_each_unique_id_to_its_piece_as_a_local_row():
+    held = plan("row", [10, 3], dim=4, servers=3)
+    router = Router(held, tables=2)
+    parts = router.split(0, torch.tensor([0, 2, 6, 9]))
+    assert [(s, i, ids.tolist()) for s, i, ids in parts] == [(0, 0, [0, 2]), (2, 0, [0, 3])]
+    # The second table is each server's second piece.
+    assert [(s, i, ids.tolist()) for s, i, ids in router.split(1, torch.tensor([1]))] == [(1, 1, [0])]
+
+
+def test_rowwise_adagrad_updates_only_the_rows_a_gradient_names():
+    weight = torch.nn.Parameter(torch.ones(4, 3))
+    optimizer = RowWiseAdagrad([weight], lr=0.5)
+    weight.grad = torch.sparse_coo_tensor([[1, 3]], torch.tensor([[2.0, 2.0, 2.0], [0.0, 0.0, 3.0]]), (4, 3),
+                                          check_invariants=True)
+    optimizer.step()
+    assert weight[0].tolist() == [1.0, 1.0, 1.0] and weight[2].tolist() == [1.0, 1.0, 1.0]
+    # Row 1: accumulator mean(4, 4, 4) = 4, step 0.5 * 2 / 2 = 0.5 on each element.
+    assert weight[1].tolist() == pytest.approx([0.5, 0.5, 0.5])
+    # Row 3: accumulator mean(0, 0, 9) = 3, step 0.5 * 3 / sqrt(3) on the last element only.
+    assert weight[3].tolist() == pytest.approx([1.0, 1.0, 1.0 - 0.5 * 3 / 3 ** 0.5])
+    assert optimizer.state[weight]["sum"].tolist() == pytest.approx([0.0, 4.0, 0.0, 3.0])
+
+
+@pytest.mark.timeout(120)
+def test_the_dlrm_preset_learns_its_synthetic_clicks_in_one_process():
+    torch.set_num_threads(2)
+    cfg = compose(["experiment=dlrm_synthetic"])
+    _, metrics = train_clicks_locally(cfg, batch_size=2 * cfg.trainer.batch_size)
+    assert metrics["val/auc"] >= 0.75, metrics
