@@ -10,7 +10,7 @@ import multiprocessing as mp
 import random
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -32,7 +32,7 @@ class LoadResult:
 
 
 def _client(url: str, model: str, shape: List[int], duration_s: float, rate: Optional[float], seed: int,
-            results) -> None:
+            results, metadata: Tuple[Tuple[str, str], ...] = ()) -> None:
     import grpc
 
     from rpc_train.serve.client import infer_request
@@ -57,7 +57,7 @@ def _client(url: str, model: str, shape: List[int], duration_s: float, rate: Opt
         while time.monotonic() < end:
             sent = time.monotonic()
             try:
-                record(sent, stub.ModelInfer(request, timeout=30))
+                record(sent, stub.ModelInfer(request, timeout=30, metadata=metadata))
             except grpc.RpcError:
                 record(sent, failed=True)
     else:
@@ -66,7 +66,7 @@ def _client(url: str, model: str, shape: List[int], duration_s: float, rate: Opt
             next_at += rng.expovariate(rate)
             time.sleep(max(0.0, next_at - time.monotonic()))
             sent = time.monotonic()
-            future = stub.ModelInfer.future(request, timeout=30)
+            future = stub.ModelInfer.future(request, timeout=30, metadata=metadata)
             future.add_done_callback(lambda f, sent=sent: record(sent, f.result()) if f.code() == grpc.StatusCode.OK
                                      else record(sent, failed=True))
             pending.append(future)
@@ -80,13 +80,13 @@ def _client(url: str, model: str, shape: List[int], duration_s: float, rate: Opt
 
 
 def run_load(url: str, model: str, shape: List[int], clients: int, duration_s: float,
-             rate: Optional[float] = None) -> LoadResult:
+             rate: Optional[float] = None, metadata: Tuple[Tuple[str, str], ...] = ()) -> LoadResult:
     """`clients` processes for `duration_s` (after a warm-up second); closed loop, or open loop at
-    `rate` requests/s in all."""
+    `rate` requests/s in all. `metadata` goes with every request (Ray Serve's `application`)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     share = None if rate is None else rate / clients
-    procs = [ctx.Process(target=_client, args=(url, model, shape, duration_s, share, seed, results), daemon=True)
+    procs = [ctx.Process(target=_client, args=(url, model, shape, duration_s, share, seed, results, metadata), daemon=True)
              for seed in range(clients)]
     for p in procs:
         p.start()

@@ -4,8 +4,10 @@ One table per model, every row from the same run: the model in this process with
 (batch 1, and a full batch: the compute bound), then real serving jobs (`launch.sh mode=serve`)
 under load from real gRPC clients in processes of their own (closed loop: each client waits
 for its answer; with --rate, also an open-loop Poisson load at that many requests/s): batching
-off (serve.max_batch_size=1), batching on, one and two replicas, two stages. Each request is
-one row. The peer, Ray Serve with @serve.batch, has no row yet (see docs/benchmarks.md).
+off (serve.max_batch_size=1), batching on, one and two replicas, two stages; then the peer,
+Ray Serve with @serve.batch on the same model, one and two replicas (bench/ray_peer.py; its
+rows are skipped, with a note, when the optional `bench` extra is not installed). Each
+request is one row.
 """
 
 import argparse
@@ -23,6 +25,7 @@ from typing import Dict, Iterator, List, Optional
 import grpc
 import torch
 
+from rpc_train.bench import ray_peer
 from rpc_train.bench.loadgen import LoadResult, run_load
 from rpc_train.metrics.table import format_table
 from rpc_train.runtime.local_world import free_service_port
@@ -121,12 +124,28 @@ def serving_rows(args: argparse.Namespace, run: Path, name: str, shape: List[int
               ("rpc_train, batching, 1 replica", 2, [f"serve.max_batch_size={b}"]),
               ("rpc_train, batching, 2 replicas", 3, [f"serve.max_batch_size={b}"]),
               ("rpc_train, batching, 1 replica of 2 stages", 3, [f"serve.max_batch_size={b}", "serve.stages=2"])]
-    loads = [(f"{args.clients} clients", None)] + ([(f"Poisson {args.rate:g}/s", args.rate)] if args.rate else [])
     rows = []
     for setup, nproc, overrides in setups:
         with serving(run, nproc, overrides) as url:
-            for label, rate in loads:
-                rows.append(load_row(setup, label, run_load(url, name, shape, args.clients, args.seconds, rate)))
+            rows += loaded_rows(args, setup, url, name, shape)
+    return rows
+
+
+def loaded_rows(args: argparse.Namespace, setup: str, url: str, name: str, shape: List[int],
+                metadata: tuple = ()) -> List[Dict]:
+    """The closed-loop row, and the Poisson one with --rate, against the server at `url`."""
+    loads = [(f"{args.clients} clients", None)] + ([(f"Poisson {args.rate:g}/s", args.rate)] if args.rate else [])
+    return [load_row(setup, label, run_load(url, name, shape, args.clients, args.seconds, rate, metadata))
+            for label, rate in loads]
+
+
+def peer_rows(args: argparse.Namespace, run: Path, name: str, shape: List[int]) -> List[Dict]:
+    """Ray Serve with @serve.batch, one and two replicas, at the same batch limit and load."""
+    rows = []
+    for replicas in (1, 2):
+        with ray_peer.ray_serving(str(run), replicas, args.max_batch_size, free_service_port(), usable_cores()) as url:
+            setup = f"{ray_peer.NAME}, {replicas} replica{'s' if replicas > 1 else ''}"
+            rows += loaded_rows(args, setup, url, name, shape, (("application", "peer"),))
     return rows
 
 
@@ -146,12 +165,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             run = train(name, Path(scratch) / name)
             rows = in_process_rows(run, args.max_batch_size)
             torch.set_num_threads(1)  # this process only waits while the jobs run
-            rows += serving_rows(args, run, name, served_model(str(run), None).shape)
+            shape = served_model(str(run), None).shape
+            rows += serving_rows(args, run, name, shape)
+            skipped = ray_peer.missing()
+            if not skipped:
+                rows += peer_rows(args, run, name, shape)
             add_ratios(rows)
-            print(f"\nmodel={name} input={served_model(str(run), None).shape}")
+            print(f"\nmodel={name} input={shape}")
             print(format_table(rows, COLUMNS, HEADERS))
             errors = sum(r.get("errors", 0) for r in rows)
-            print(f"failed requests: {errors}; Ray Serve (the peer): no row yet")
+            print(f"failed requests: {errors}" + (f"; {ray_peer.NAME} (the peer) skipped: {skipped}" if skipped else ""))
     return 0
 
 
