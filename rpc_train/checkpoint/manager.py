@@ -7,7 +7,8 @@ it holds this model, load every worker's share by name, restore the driver's RNG
 Trainer its position so the data order continues exactly.
 
 An engine takes part as a `Checkpointable` (training/protocol.py): the pipeline's stages,
-the parameter-server shards (ps/driver.py) and the single-process reference.
+the parameter-server shards (ps/driver.py), the hybrid mode's embedding shards and dense part
+(hybrid/driver.py) and the single-process reference.
 """
 
 import logging
@@ -19,6 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from rpc_train.checkpoint.pieces import joined_shapes
 from rpc_train.checkpoint.store import (Checkpoint, begin, checkpoint_dir, checkpoints_root, load_file, name_list,
                                   prune, resolve_resume, save_file, write_manifest)
 from rpc_train.config.errors import ConfigError
@@ -39,7 +41,8 @@ def model_tensors(model_cfg) -> Dict[str, List[int]]:
 
 def check_same_model(found: Checkpoint, model_cfg) -> None:
     """ConfigError listing what differs when the checkpoint holds another model."""
-    saved = {name: record["shape"] for name, record in found.manifest["tensors"].items()}
+    # Row ranges saved apart (mode=hybrid's embedding shards) count as the tensors they tile.
+    saved = joined_shapes({name: record["shape"] for name, record in found.manifest["tensors"].items()})
     expected = model_tensors(model_cfg)
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))

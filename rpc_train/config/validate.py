@@ -155,9 +155,6 @@ def _hybrid_problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
     if cfg.trainer.skip_nonfinite:
         yield ("trainer.skip_nonfinite=true: mode=hybrid stops on a non-finite loss (a sync step needs every "
                "trainer's gradient); use trainer.skip_nonfinite=false")
-    if cfg.checkpoint.every_steps:
-        yield (f"checkpoint.every_steps={cfg.checkpoint.every_steps}: mode=hybrid does not write checkpoints "
-               "yet; use checkpoint.every_steps=0")
 
 
 def _serve_problems(serve: DictConfig, world_size: int) -> Iterator[str]:

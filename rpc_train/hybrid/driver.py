@@ -15,13 +15,14 @@ import torch.distributed.rpc as rpc
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from rpc_train.checkpoint.manager import Checkpointer
 from rpc_train.config.errors import ConfigError, RunFailure, first_line
 from rpc_train.config.schema import as_dict
 from rpc_train.data.clicks import load_clicks
 from rpc_train.hybrid.evaluate import evaluate_clicks
 from rpc_train.hybrid.model import build_dlrm
 from rpc_train.hybrid.server import EmbeddingServer
-from rpc_train.hybrid.sharding import Piece, plan
+from rpc_train.hybrid.sharding import plan
 from rpc_train.hybrid.trainer import HybridTrainer
 from rpc_train.metrics.tensorboard import RunLogger
 from rpc_train.runtime.remote import call_all
@@ -39,6 +40,7 @@ class HybridJob:
         hybrid, model_cfg = cfg.hybrid, as_dict(cfg.model)
         self.roles: ParameterServerRoles = hybrid_roles(cfg, world_size)
         self.model = build_dlrm(model_cfg, cfg.seed).eval()
+        self.sharding = hybrid.sharding
         self.held = plan(hybrid.sharding, self.model.table_rows, self.model.embedding_dim, len(self.roles.servers))
         trainers = len(self.roles.trainers)
         rule = AsyncUpdateRule(scale_by_staleness=not hybrid.sync and hybrid.staleness_lr,
@@ -61,6 +63,19 @@ class HybridJob:
                  "sync" if hybrid.sync else "async", hybrid.sharding, len(self.servers), ", ".join(self.roles.servers),
                  "; ".join(", ".join(p.name for p in pieces) for pieces in self.held), trainers,
                  ", ".join(self.roles.trainers))
+
+    # The `Checkpointable` side (training/protocol.py), for checkpoint/manager.py's Checkpointer.
+    def save_checkpoint(self, directory: str) -> list:
+        dense = self.trainers[0].rpc_async().save_checkpoint(directory)
+        return call_all(self.servers, "save_checkpoint", directory) + [dense.wait()]
+
+    def load_checkpoint(self, directory: str, index: Dict[str, str]) -> None:
+        """Any layout loads any other's checkpoint: servers take their rows by overlap."""
+        call_all(self.servers, "load_checkpoint", directory, index)
+        call_all(self.trainers, "load_checkpoint", directory, index)
+
+    def layout(self) -> dict:
+        return {"servers": len(self.servers), "trainers": len(self.trainers), "sharding": self.sharding}
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """The plain models/dlrm.py state_dict: trainer 0's dense part and every server's rows."""
@@ -114,22 +129,42 @@ def server_scalars(job: HybridJob) -> Dict[str, float]:
 def fit_hybrid(cfg: DictConfig, world_size: int, logger: RunLogger) -> FitResult:
     started = time.perf_counter()
     job = HybridJob(cfg, world_size)
+    checkpoints = Checkpointer(cfg, logger.log_dir, job, logger)
+    start = checkpoints.resume()
+    if start.step:  # servers and trainers hold the checkpoint's state; trainers take its data position
+        call_all(job.trainers, "resume", start.step, start.loader_state, start.batch)
     _, val = load_clicks(cfg.data, cfg.seed)
     val_loader = DataLoader(val, batch_size=max(cfg.trainer.batch_size, 1024), shuffle=False)
     total = cfg.trainer.epochs * job.per_epoch
     total = min(total, cfg.trainer.max_steps) if cfg.trainer.max_steps else total
-    done, final = 0, {}
-    for epoch in range(cfg.trainer.epochs):
-        steps = min(job.per_epoch, total - done)
+    final: Dict[str, float] = {}
+    run_epochs(cfg, job, checkpoints, logger, val_loader, total, final)
+    checkpoints.save()  # the final one, unless the last epoch just saved it
+    final["time/total_s"] = time.perf_counter() - started
+    return final, job.state_dict
+
+
+def run_epochs(cfg: DictConfig, job: HybridJob, checkpoints: Checkpointer, logger: RunLogger,
+               val_loader: DataLoader, total: int, final: Dict[str, float]) -> None:
+    """The epochs from the checkpointer's position, advancing it after each; as in ps/driver.py,
+    checkpoints are written between epochs only, when no gradient is in flight."""
+    position = checkpoints.position
+    done = position.step
+    for epoch in range(position.epoch, cfg.trainer.epochs):
+        skip = position.batch if epoch == position.epoch else 0
+        steps = min(job.per_epoch - skip, total - done)
         if steps <= 0:
             break
         final.update(log_windows(logger, run_trainers(job, steps)))
-        done += steps
+        before, done = done, done + steps
+        # Every trainer's loader draws from an identically seeded generator: trainer 0's serves.
+        complete = skip + steps == job.per_epoch
+        position.step, position.loader_state = done, job.trainers[0].rpc_sync().loader_state(not complete)
+        position.epoch, position.batch = (epoch + 1, 0) if complete else (epoch, skip + steps)
         final.update(server_scalars(job))
         job.model.load_state_dict(job.state_dict())
         final.update(evaluate_clicks(job.model, val_loader))
         logger.scalars(done, {k: v for k, v in final.items() if k.startswith(("val/", "server"))})
         log.info("epoch %d (step %d): val/auc %.4f, val/logloss %.4f, train/loss %.4f", epoch + 1, done,
                  final["val/auc"], final["val/logloss"], final["train/loss"])
-    final["time/total_s"] = time.perf_counter() - started
-    return final, job.state_dict
+        checkpoints.save_if_due(before, done)

@@ -13,6 +13,7 @@ through the RRef, which would run the RRef fork protocol on every call.
 """
 
 import functools
+import os
 import threading
 import time
 from typing import Dict, List, NamedTuple, Tuple
@@ -23,6 +24,9 @@ import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 from torch import nn
 
+from rpc_train.checkpoint.pieces import overlaps, piece_key
+from rpc_train.checkpoint.store import load_file, save_file
+from rpc_train.config.errors import ConfigError
 from rpc_train.hybrid.model import build_dlrm
 from rpc_train.hybrid.optim import build_embedding_optimizer
 from rpc_train.hybrid.sharding import Piece
@@ -117,6 +121,46 @@ class EmbeddingServer:
         with self._lock:
             return {p.name: w.detach().clone() for p, w in zip(self.shard.pieces, self.shard.weights)}
 
+    # Checkpoints: each piece's rows (and row-wise Adagrad's accumulators) under the key of its
+    # row range (checkpoint/pieces.py), so another layout loads them by overlap. Called by the
+    # driver between epochs, when no trainer is stepping.
+    def save_checkpoint(self, directory: str) -> dict:
+        filename = f"server{self.server_id}.pt"
+        with self._lock:
+            tensors = {_key(p): w.detach().clone() for p, w in zip(self.shard.pieces, self.shard.weights)}
+            sums = {_key(p): self.optimizer.state[w]["sum"].clone()
+                    for p, w in zip(self.shard.pieces, self.shard.weights) if "sum" in self.optimizer.state.get(w, {})}
+        payload = {"tensors": tensors, "optimizer": type(self.optimizer).__name__, "row_sums": sums}
+        digest = save_file(os.path.join(directory, filename), payload)
+        return {"file": filename, "sha256": digest, "tensors": {k: list(t.shape) for k, t in tensors.items()}}
+
+    def load_checkpoint(self, directory: str, index: Dict[str, str]) -> None:
+        """Fill each piece from whichever saved pieces overlap its rows, whatever layout wrote them."""
+        files: Dict[str, dict] = {}
+        with self._lock:
+            for piece, weight in zip(self.shard.pieces, self.shard.weights):
+                name = f"embeddings.{piece.table}.weight"
+                found = overlaps(index, name, piece.lo, piece.hi)
+                if sum(min(hi, piece.hi) - max(lo, piece.lo) for _, lo, hi, _ in found) != piece.rows:
+                    raise ConfigError(f"checkpoint {directory} does not hold every row {piece.lo}-{piece.hi - 1} of "
+                                      f"{name}; resume from a checkpoint of this model")
+                for key, lo, hi, file in found:
+                    saved = files.setdefault(file, load_file(os.path.join(directory, file)))
+                    self._check_optimizer(directory, saved["optimizer"])
+                    a, b = max(lo, piece.lo), min(hi, piece.hi)
+                    with torch.no_grad():
+                        weight[a - piece.lo : b - piece.lo] = saved["tensors"][key][a - lo : b - lo]
+                    if key in saved["row_sums"]:
+                        state = self.optimizer.state[weight]
+                        state.setdefault("sum", torch.zeros(weight.shape[0], dtype=weight.dtype))
+                        state["sum"][a - piece.lo : b - piece.lo] = saved["row_sums"][key][a - lo : b - lo]
+
+    def _check_optimizer(self, directory: str, saved: str) -> None:
+        if saved != type(self.optimizer).__name__:
+            raise ConfigError(f"checkpoint {directory} holds embedding tables trained with {saved}, but "
+                              f"hybrid.embedding_optim builds {type(self.optimizer).__name__}; resume with the same "
+                              "hybrid.embedding_optim, or start over with checkpoint.resume=none")
+
     def missing_trainers(self) -> List[int]:
         with self._lock:
             return sorted(set(range(self.trainers)) - set(self._round)) if self._round else []
@@ -132,6 +176,10 @@ class EmbeddingServer:
             self._stats = {"lookups": 0, "rows_looked_up": 0, "rows_updated": 0, "since": now}
             self._max_staleness = 0
             return out
+
+
+def _key(piece: Piece) -> str:
+    return piece_key(f"embeddings.{piece.table}.weight", piece.lo, piece.hi)
 
 
 def _mean(parts: List[Dict[int, torch.Tensor]], trainers: int) -> Dict[int, torch.Tensor]:

@@ -10,6 +10,7 @@ A step, inside one distributed-autograd context:
    to apply its part (`apply_gradients`), which in sync mode answers once every trainer has.
 """
 
+import itertools
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
+from rpc_train.checkpoint.shares import load_worker_state, save_worker_state
 from rpc_train.config.errors import first_line
 from rpc_train.data.clicks import load_clicks
 from rpc_train.data.datasets import make_trainer_loader
@@ -50,12 +52,15 @@ class HybridTrainer:
         self.ddp = DistributedDataParallel(self.dense, process_group=dense_group(),
                                            device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.params = list(self.ddp.parameters())
+        self._param_names = [name for name, _ in self.dense.model.named_parameters()]  # the plain model's names
         self.optimizer, self.scheduler = build_optimizer(self.params, optim_cfg, scheduler_cfg)
         train, _ = load_clicks(OmegaConf.create(data_cfg), seed)
         self.loader = make_trainer_loader(train, batch_size, trainer_id, trainers, seed)
         self.step = 0
         self._versions = [0] * len(servers)
         self._step_hook = instantiate(step_hook) if step_hook else None
+        self._epoch_start: Optional[torch.Tensor] = None  # the loader's generator state then
+        self._resume_at: Optional[Tuple[Optional[torch.Tensor], int]] = None
         log.info("hybrid trainer %d (pid %d): %d steps per epoch of %d samples on %s", trainer_id, os.getpid(),
                  len(self.loader), batch_size, self.device)
 
@@ -63,9 +68,17 @@ class HybridTrainer:
         return len(self.loader)
 
     def run_epoch(self, steps: int) -> List[Dict[str, float]]:
-        """Train `steps` batches; one dict of window means every `log_every` steps."""
+        """Train `steps` batches of the epoch; one dict of window means every `log_every` steps."""
         windows, window = [], _Window()
-        for taken, (dense, sparse, labels) in enumerate(self.loader):
+        batches = self.loader
+        if self._resume_at is not None:
+            (state, skip), self._resume_at = self._resume_at, None
+            if state is not None:
+                self.loader.generator.set_state(state)
+            batches = itertools.islice(self.loader, skip, None)
+        self._epoch_start = self.loader.generator.get_state()
+        # A for loop over the whole loader, as one process runs it: see ps/worker.py's run_epoch.
+        for taken, (dense, sparse, labels) in enumerate(batches):
             if taken == steps:
                 break
             if self._step_hook is not None:
@@ -139,6 +152,26 @@ class HybridTrainer:
                 raise RuntimeError(f"hybrid trainer {self.trainer_id}: {what} on {self.servers[j]} (embedding "
                                    f"server {j}) failed: {first_line(err)}") from err
         return out
+
+    # Checkpoints: the dense part is the same on every trainer (DDP), so trainer 0 saves it and
+    # every trainer loads it; the data position is the loader's generator state, as in ps/worker.py.
+    def save_checkpoint(self, directory: str) -> dict:
+        return save_worker_state(directory, "dense.pt", self.dense.plain_state_dict(), self.optimizer,
+                                 self._param_names, self.scheduler, "dense")
+
+    def load_checkpoint(self, directory: str, index: Dict[str, str]) -> None:
+        tensors = load_worker_state(directory, index, list(self.dense.model.state_dict()), self.optimizer,
+                                    self._param_names, self.scheduler, "dense")
+        self.dense.model.load_state_dict(tensors)
+
+    def resume(self, step: int, loader_state: Optional[torch.Tensor], batch: int) -> None:
+        """Go on from a checkpoint: `step` steps done; the next epoch's loader starts from
+        `loader_state` (its generator state when that epoch began) and skips `batch` batches."""
+        self.step, self._resume_at = step, (loader_state, batch)
+
+    def loader_state(self, at_epoch_start: bool) -> torch.Tensor:
+        """The data order's position: at the start of the last epoch run, or now (after it)."""
+        return self._epoch_start if at_epoch_start else self.loader.generator.get_state()
 
     def dense_state(self) -> Dict[str, torch.Tensor]:
         return {k: v.cpu() for k, v in self.dense.plain_state_dict().items()}

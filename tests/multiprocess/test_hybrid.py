@@ -128,3 +128,39 @@ def test_a_stopped_embedding_server_fails_the_job_within_the_rpc_timeout_naming_
     assert len(errors) == 1, job.output()
     assert "on worker1 (embedding server 0) failed" in errors[0], errors
     assert elapsed < 35, elapsed
+
+
+RESUMABLE = ["experiment=dlrm_synthetic", "data.size=4000", "trainer.batch_size=64", "trainer.log_every=4",
+             "trainer.epochs=2"]  # 25 steps an epoch, row-wise Adagrad and momentum: state to restore
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_run_resumed_mid_epoch_ends_bit_for_bit_where_an_uninterrupted_one_ends(tmp_path):
+    whole, first, second = tmp_path / "whole", tmp_path / "first", tmp_path / "second"
+    ok(launch(RESUMABLE, whole, NPROC="4"))
+    ok(launch([*RESUMABLE, "trainer.max_steps=12"], first, NPROC="4"))  # its final checkpoint: step 12, mid-epoch
+    assert (first / "checkpoints" / "step_12" / "manifest.json").exists()
+    ok(launch([*RESUMABLE, f"checkpoint.resume={first}"], second, NPROC="4"))
+    assert "resumed from" in (second / "rank0.log").read_text()
+    got, want = (torch.load(run / "model.pt", weights_only=True) for run in (second, whole))
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[name], want[name]) for name in want), [n for n in want if not torch.equal(got[n], want[n])]
+    assert [step for step, _ in read_scalars(second)["train/loss"]][0] == 16  # it went on from step 12
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_checkpoint_of_one_server_by_table_loads_into_two_servers_by_row(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    sgd = [*RESUMABLE, "hybrid.embedding_optim=sgd"]
+    ok(launch([*sgd, "trainer.max_steps=12"], first, NPROC="4"))
+    # A few steps past the checkpoint: what differs after them is the loaded state, not rounding.
+    resharded = [*sgd, "hybrid.servers=2", "hybrid.sharding=row", "trainer.max_steps=16"]
+    ok(launch([*resharded, f"checkpoint.resume={first}"], second, NPROC="5"))
+    cfg = compose([*sgd, "trainer.max_steps=16"])
+    want, _ = train_clicks_locally(cfg, batch_size=2 * cfg.trainer.batch_size)  # two trainers both times
+    assert_same_state(torch.load(second / "model.pt", weights_only=True), want)
+    manifest = json.loads((second / "checkpoints" / "step_16" / "manifest.json").read_text())
+    assert manifest["layout"] == {"servers": 2, "trainers": 2, "sharding": "row"}
+    assert "embeddings.0.weight@0:250" in manifest["tensors"] and "embeddings.0.weight@250:500" in manifest["tensors"]

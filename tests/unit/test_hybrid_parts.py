@@ -54,3 +54,14 @@ def test_the_dlrm_preset_learns_its_synthetic_clicks_in_one_process():
     cfg = compose(["experiment=dlrm_synthetic"])
     _, metrics = train_clicks_locally(cfg, batch_size=2 * cfg.trainer.batch_size)
     assert metrics["val/auc"] >= 0.75, metrics
+
+
+def test_saved_row_ranges_join_into_the_tensor_they_tile_and_are_found_by_overlap():
+    from rpc_train.checkpoint.pieces import joined_shapes, overlaps, piece_key
+
+    shapes = {piece_key("t.weight", 0, 3): [3, 4], piece_key("t.weight", 3, 10): [7, 4], "top.bias": [1],
+              piece_key("gap.weight", 0, 2): [2, 4], piece_key("gap.weight", 5, 8): [3, 4]}
+    assert joined_shapes(shapes) == {"t.weight": [10, 4], "top.bias": [1], "gap.weight": [-1, 4]}
+    index = {piece_key("t.weight", 0, 3): "server0.pt", piece_key("t.weight", 3, 10): "server1.pt", "top.bias": "dense.pt"}
+    assert overlaps(index, "t.weight", 2, 5) == [("t.weight@0:3", 0, 3, "server0.pt"), ("t.weight@3:10", 3, 10, "server1.pt")]
+    assert overlaps(index, "t.weight", 3, 4) == [("t.weight@3:10", 3, 10, "server1.pt")]
