@@ -12,17 +12,14 @@ is async over sync for the same trainer count, from the medians.
 """
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
+from rpc_train.bench.launched import job_rate
 from rpc_train.runtime.allocator import configure_allocator
 from rpc_train.data.datasets import make_loaders
 from rpc_train.training.local import LocalEngine
@@ -30,7 +27,6 @@ from rpc_train.config.compose import compose
 from rpc_train.metrics.table import format_table
 from rpc_train.runtime.world import usable_cores
 
-REPO = Path(__file__).resolve().parents[2]  # the checkout, where launch.sh is
 COLUMNS = ["setup", "trainers", "batch", "rate", "spread", "vs_single", "vs_one", "vs_sync"]
 HEADERS = ["setup", "trainers", "batch/step", "samples/s", "min-max", "vs single-process", "vs 1 trainer",
            "async / sync"]
@@ -79,21 +75,10 @@ def single_process_row(args: argparse.Namespace, trainers: int) -> Dict:
 
 
 def ps_rate(args: argparse.Namespace, trainers: int, sync: bool) -> float:
-    """One real launch; its mean logged throughput after the first window."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    with tempfile.TemporaryDirectory(prefix="ps-bench-") as run_dir:
-        env = {**os.environ, "RUN_DIR": run_dir, "PYTHON": sys.executable,
-               "NPROC": str(1 + args.servers + trainers)}
-        cmd = [str(REPO / "launch.sh"), "mode=parameter_server", f"ps.servers={args.servers}",
-               f"ps.sync={str(sync).lower()}", f"trainer.batch_size={args.batch_size}", *job_overrides(args)]
-        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
-        acc = EventAccumulator(run_dir, size_guidance={"scalars": 0})
-        acc.Reload()
-        windows = [e.value for e in acc.Scalars("throughput/samples_per_s")]
-    return statistics.mean(windows[1:] or windows)
+    """One real launch's training throughput."""
+    return job_rate(["mode=parameter_server", f"ps.servers={args.servers}", f"ps.sync={str(sync).lower()}",
+                     f"trainer.batch_size={args.batch_size}", *job_overrides(args)],
+                    1 + args.servers + trainers, args.timeout)
 
 
 def ps_rows(args: argparse.Namespace) -> List[Dict]:
