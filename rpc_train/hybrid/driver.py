@@ -23,8 +23,9 @@ from rpc_train.hybrid.evaluate import evaluate_clicks
 from rpc_train.hybrid.model import build_dlrm
 from rpc_train.hybrid.server import EmbeddingServer
 from rpc_train.hybrid.sharding import plan
-from rpc_train.hybrid.trainer import HybridTrainer
+from rpc_train.hybrid.trainer import WAITING_FOR_PEERS, HybridTrainer
 from rpc_train.metrics.tensorboard import RunLogger
+from rpc_train.runtime.liveness import timed_out
 from rpc_train.runtime.remote import call_all
 from rpc_train.runtime.roles import ParameterServerRoles, hybrid_roles
 from rpc_train.training.protocol import FitResult
@@ -101,9 +102,30 @@ def run_trainers(job: HybridJob, steps: int) -> List[List[Dict[str, float]]]:
                 try:
                     futures[i].wait()
                 except RuntimeError as err:
-                    raise RunFailure(f"{job.roles.trainers[i]} (hybrid trainer {i}) failed: {first_line(err)}") from err
+                    raise RunFailure(failure(job, i, err, pending)) from err
         time.sleep(0.05)
     return [f.wait() for f in futures]
+
+
+def failure(job: HybridJob, failed: int, err: Exception, running: set) -> str:
+    """One line for the first trainer failure. A trainer that timed out waiting in the backward
+    waited for a peer: the peers still running and not in the backward themselves (or not
+    answering at all) are the ones that stopped, and the line names them first."""
+    name = f"{job.roles.trainers[failed]} (hybrid trainer {failed})"
+    if not timed_out(err):
+        return f"{name} failed: {first_line(err)}"
+    stuck = []
+    for i in sorted(running - {failed}):
+        try:
+            step, doing = job.trainers[i].rpc_sync(timeout=5).whereabouts()
+        except RuntimeError:
+            stuck.append(f"{job.roles.trainers[i]} (hybrid trainer {i}) does not answer")
+            continue
+        if doing != WAITING_FOR_PEERS:
+            stuck.append(f"{job.roles.trainers[i]} (hybrid trainer {i}) stopped in {doing} after step {step}")
+    if not stuck:
+        return f"{name} failed: {first_line(err)}"
+    return f"{'; '.join(stuck)}: {name} timed out waiting for it ({first_line(err)})"
 
 
 def log_windows(logger: RunLogger, per_trainer: List[List[Dict[str, float]]]) -> Dict[str, float]:

@@ -37,6 +37,9 @@ from rpc_train.training.builders import build_optimizer
 
 log = logging.getLogger(__name__)
 
+# The backward, where DDP's all-reduce waits for every trainer: one stuck elsewhere holds them all.
+WAITING_FOR_PEERS = "the backward (DDP's all-reduce waits for every trainer)"
+
 
 class HybridTrainer:
     def __init__(self, trainer_id: int, trainers: int, servers: List[str], held: List[List[Piece]],
@@ -61,6 +64,7 @@ class HybridTrainer:
         self._step_hook = instantiate(step_hook) if step_hook else None
         self._epoch_start: Optional[torch.Tensor] = None  # the loader's generator state then
         self._resume_at: Optional[Tuple[Optional[torch.Tensor], int]] = None
+        self.doing = "data loading"  # what the training thread does now (whereabouts)
         log.info("hybrid trainer %d (pid %d): %d steps per epoch of %d samples on %s", trainer_id, os.getpid(),
                  len(self.loader), batch_size, self.device)
 
@@ -82,6 +86,7 @@ class HybridTrainer:
             if taken == steps:
                 break
             if self._step_hook is not None:
+                self.doing = "its step hook"
                 self._step_hook(self.trainer_id, self.step + 1)
             started = time.perf_counter()
             loss, lookup_s = self._train_step(dense, sparse, labels)
@@ -97,6 +102,7 @@ class HybridTrainer:
     def _train_step(self, dense: torch.Tensor, sparse: torch.Tensor, labels: torch.Tensor) -> Tuple[float, float]:
         with dist_autograd.context() as context_id:
             started = time.perf_counter()
+            self.doing = "lookups"
             rows, inverse, asked = self._lookup(sparse)
             lookup_s = time.perf_counter() - started
             pooled = [rows[t][inverse[t]].to(self.device) for t in range(self.tables)]
@@ -106,7 +112,9 @@ class HybridTrainer:
             if not math.isfinite(value):
                 raise FloatingPointError(f"non-finite loss ({value}) at step {self.step + 1} of hybrid trainer "
                                          f"{self.trainer_id}; lower optim.lr or hybrid.embedding_lr")
+            self.doing = WAITING_FOR_PEERS
             dist_autograd.backward(context_id, [loss])
+            self.doing = "its optimizer step"
             grads = dist_autograd.get_gradients(context_id)
             for p in self.params:
                 p.grad = grads[p]
@@ -115,11 +123,18 @@ class HybridTrainer:
             if self.scheduler is not None:
                 self.scheduler.step()
             # Inside the context: a server reads the gradients from it, so it must still exist.
+            self.doing = "applying gradients"
             self._wait("applying gradients", {
                 j: rpc.rpc_async(worker, apply_gradients, args=(
                     j, self.trainer_id, context_id if j in asked else -1, self._versions[j]))
                 for j, worker in enumerate(self.servers)})
+        self.doing = "data loading"
         return value, lookup_s
+
+    def whereabouts(self) -> Tuple[int, str]:
+        """(steps done, what the training thread is doing): answered by an RPC thread, so a
+        trainer stuck in its step still says where."""
+        return self.step, self.doing
 
     def _lookup(self, sparse: torch.Tensor):
         """(unique rows per table, inverse per table, servers asked): one RPC per server."""

@@ -56,7 +56,7 @@ def test_sync_hybrid_ends_where_one_process_at_the_summed_batch_ends(tmp_path, n
     assert final["val/auc"] == pytest.approx(metrics["val/auc"], abs=1e-4)
     scalars = read_scalars(run)
     for tag in ("train/loss", "throughput/samples_per_s", "time/lookup_ms", "val/auc", "val/logloss",
-                "server0/lookups_per_s", "server0/rows_updated_per_s"):
+                "server0/lookups_per_s", "server0/rows_updated_per_s", "hparam/val/auc"):
         assert tag in scalars, (tag, sorted(scalars))
     assert [step for step, _ in scalars["val/auc"]] == [12]  # 25 steps an epoch, max_steps=12
     assert [step for step, _ in scalars["train/loss"]] == [4, 8, 12]
@@ -164,3 +164,17 @@ def test_a_checkpoint_of_one_server_by_table_loads_into_two_servers_by_row(tmp_p
     manifest = json.loads((second / "checkpoints" / "step_16" / "manifest.json").read_text())
     assert manifest["layout"] == {"servers": 2, "trainers": 2, "sharding": "row"}
     assert "embeddings.0.weight@0:250" in manifest["tensors"] and "embeddings.0.weight@250:500" in manifest["tensors"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_hung_trainer_fails_the_job_within_the_rpc_timeout_naming_it(tmp_path):
+    hook = "hybrid.step_hook={_target_:helpers.faults.FailAt,trainer:1,step:5,stall:true}"
+    started = time.monotonic()
+    result = launch([*SHORT, hook, "runtime.rpc_timeout_s=5"], tmp_path / "run", NPROC="4")
+    elapsed = time.monotonic() - started
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("error: worker3 (hybrid trainer 1) stopped in its step hook after step 4: "
+                                "worker2 (hybrid trainer 0) timed out waiting for it"), errors
+    assert elapsed < 90, elapsed  # start-up, 5 s of timeout, the stop
