@@ -58,8 +58,9 @@ def dense_group_of(cfg: DictConfig, world) -> Iterator[None]:
     if cfg.mode.name != "hybrid":
         yield
         return
-    from rpc_train.hybrid.group import join_dense_group, leave_dense_group
+    from rpc_train.hybrid.group import check_gpus, join_dense_group, leave_dense_group
 
+    check_gpus(cfg.device, cfg.hybrid.servers, world.rank, world.size, world.local_size)
     join_dense_group(cfg.device, cfg.hybrid.servers, world.rank, world.size, cfg.runtime.rpc_timeout_s)
     try:
         yield

@@ -12,11 +12,29 @@ from typing import List, Optional
 
 import torch.distributed as dist
 
+from rpc_train.config.errors import ConfigError
+
 _GROUP: Optional[dist.ProcessGroup] = None
 
 
 def trainer_ranks(servers: int, world_size: int) -> List[int]:
     return list(range(1 + servers, world_size))
+
+
+def check_gpus(device: str, servers: int, rank: int, world_size: int, local_size: int) -> None:
+    """NCCL takes one GPU per rank: with device=cuda each machine needs a GPU per trainer it runs.
+    Every rank checks its own machine (torchrun gives each machine local_size ranks in order)."""
+    if device != "cuda":
+        return
+    import torch
+
+    node = rank // local_size
+    local_trainers = sum(1 for r in range(node * local_size, min((node + 1) * local_size, world_size))
+                         if r >= 1 + servers)
+    gpus = torch.cuda.device_count()
+    if local_trainers > gpus:
+        raise ConfigError(f"device=cuda: mode=hybrid runs {local_trainers} trainers on this machine but it has {gpus} "
+                          "GPU(s), and NCCL takes one GPU per trainer; use fewer trainers (NPROC) or device=cpu")
 
 
 def join_dense_group(device: str, servers: int, rank: int, world_size: int, timeout_s: float) -> None:

@@ -67,3 +67,18 @@ def test_cuda_replicas_answer_as_the_model_on_the_cpu(tmp_path):
     with torch.no_grad():
         expected = build_served(served_model(str(tmp_path / "trained"), None))(torch.from_numpy(rows)).numpy()
     torch.testing.assert_close(torch.from_numpy(answer), torch.from_numpy(expected), rtol=0, atol=ATOL)
+
+
+def test_a_cuda_hybrid_trainer_matches_one_process_on_the_cpu(tmp_path):
+    from rpc_train.config.compose import compose
+    from rpc_train.hybrid.local import train_clicks_locally
+
+    # One trainer: NCCL takes a GPU per trainer, and a lent machine may have one.
+    overrides = ["experiment=dlrm_synthetic", "data.size=4000", "trainer.max_steps=8", "hybrid.embedding_optim=sgd",
+                 "device=cuda"]
+    result = ok(launch(overrides, tmp_path / "run", NPROC="3"))
+    assert "samples on cuda:0" in result.stdout + result.stderr  # the trainer says where it trains
+    want, _ = train_clicks_locally(compose([*overrides[:-1], "device=cpu"]))
+    got = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=ATOL, msg=lambda m, name=name: f"{name}: {m}")
