@@ -77,6 +77,7 @@ class Checkpointer:
         self.root = checkpoints_root(run_dir)
         self.position = Position()
         self.saved_step: Optional[int] = None
+        self.resumed_layout: Optional[dict] = None  # the resumed checkpoint's engine layout, if any
 
     def resume(self) -> Position:
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -92,6 +93,7 @@ class Checkpointer:
         state = load_file(os.path.join(found.path, TRAINER_FILE))
         torch.set_rng_state(state["rng"])
         self.position = Position(**{f.name: state[f.name] for f in fields(Position)})
+        self.resumed_layout = found.manifest.get("layout")
         if os.path.abspath(found.path) == os.path.abspath(checkpoint_dir(self.root, found.step)):
             self.saved_step = found.step  # ours already: the final save need not repeat it
         if self.logger is not None:

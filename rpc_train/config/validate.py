@@ -145,13 +145,28 @@ def _hybrid_problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
         yield f"hybrid.embedding_lr={hybrid.embedding_lr}: must be a positive learning rate"
     if hybrid.clip_grad_norm is not None and not hybrid.clip_grad_norm > 0:
         yield f"hybrid.clip_grad_norm={hybrid.clip_grad_norm}: must be a positive norm, or null for no clipping"
+    elif hybrid.clip_grad_norm is not None and hybrid.sync:
+        # Each server would clip its own shard's part while DDP's dense part goes unclipped: the
+        # result would depend on the sharding, and sync mode promises one process's result.
+        yield (f"hybrid.clip_grad_norm={hybrid.clip_grad_norm} with hybrid.sync=true: clipping applies to "
+               "asynchronous updates only; set hybrid.sync=false or hybrid.clip_grad_norm=null")
+    if cfg.model.get("table_rows") is None:
+        yield (f"model={cfg.model.get('_target_')}: mode=hybrid shards a DLRM-style model's tables "
+               "(model.table_rows); use model=dlrm")
     rows = cfg.data.table_rows
     if not rows or not all(isinstance(r, int) and r >= 1 for r in rows):
         yield f"data.table_rows={rows}: must list each categorical feature's table size, positive integers"
+    elif hybrid.sharding == "table" and len(rows) < (hybrid.servers or 1):
+        yield (f"hybrid.sharding=table with {hybrid.servers} servers and {len(rows)} tables: a server would hold "
+               f"nothing; use hybrid.servers<={len(rows)} or hybrid.sharding=row")
+    elif cfg.data.name == "criteo" and len(rows) != 26:
+        yield f"data.table_rows has {len(rows)} entries; Criteo has 26 categorical features, one table each"
     elif hybrid.sharding == "row" and min(rows) < (hybrid.servers or 1):
         t = min(range(len(rows)), key=lambda i: rows[i])
         yield (f"hybrid.sharding=row: table {t} has {rows[t]} rows, fewer than the {hybrid.servers} servers it "
                "would be split over; use hybrid.sharding=table or fewer servers")
+    if cfg.data.limit is not None and cfg.data.limit < 1:
+        yield f"data.limit={cfg.data.limit}: must be at least 1 (or null for all)"
     if cfg.trainer.skip_nonfinite:
         yield ("trainer.skip_nonfinite=true: mode=hybrid stops on a non-finite loss (a sync step needs every "
                "trainer's gradient); use trainer.skip_nonfinite=false")

@@ -51,7 +51,10 @@ def read_criteo(path: str, table_rows: Sequence[int], limit=None) -> ClickData:
         for number, line in enumerate(f, start=1):
             if limit is not None and len(labels) >= limit:
                 break
-            label, ints, cats = _parse_line(line.rstrip("\n").rstrip("\r"), path, number)
+            line = line.rstrip("\n").rstrip("\r")
+            if not line:  # a blank line (one at the end of a file, say) holds no sample
+                continue
+            label, ints, cats = _parse_line(line, path, number)
             labels.append(label)
             dense.append([math.log1p(max(x, 0)) for x in ints])
             sparse.append([c % rows for c, rows in zip(cats, table_rows)])

@@ -1,7 +1,7 @@
 """The hybrid driver (rank 0): shards the tables, builds servers and trainers, validates.
 
-Each epoch the driver starts every trainer's `run_epoch` by RPC and waits for all of them;
-a trainer or server that fails ends the job with its name. Between epochs it copies the
+Each epoch the driver starts every trainer's `run_epoch` by RPC and waits for all of them
+(watch.py); a trainer or server that fails or stops ends the job with its name. Between epochs it copies the
 servers' rows and trainer 0's dense part into its own plain DLRM, which validation runs and
 `model.pt` is written from.
 """
@@ -16,16 +16,16 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from rpc_train.checkpoint.manager import Checkpointer
-from rpc_train.config.errors import ConfigError, RunFailure, first_line
+from rpc_train.config.errors import ConfigError
 from rpc_train.config.schema import as_dict
 from rpc_train.data.clicks import load_clicks
 from rpc_train.hybrid.evaluate import evaluate_clicks
 from rpc_train.hybrid.model import build_dlrm
 from rpc_train.hybrid.server import EmbeddingServer
 from rpc_train.hybrid.sharding import plan
-from rpc_train.hybrid.trainer import WAITING_FOR_PEERS, HybridTrainer
+from rpc_train.hybrid.trainer import HybridTrainer
+from rpc_train.hybrid.watch import run_trainers
 from rpc_train.metrics.tensorboard import RunLogger
-from rpc_train.runtime.liveness import timed_out
 from rpc_train.runtime.remote import call_all
 from rpc_train.runtime.roles import ParameterServerRoles, hybrid_roles
 from rpc_train.training.protocol import FitResult
@@ -44,6 +44,7 @@ class HybridJob:
         self.sharding = hybrid.sharding
         self.held = plan(hybrid.sharding, self.model.table_rows, self.model.embedding_dim, len(self.roles.servers))
         trainers = len(self.roles.trainers)
+        self.samples_per_step = trainers * cfg.trainer.batch_size
         rule = AsyncUpdateRule(scale_by_staleness=not hybrid.sync and hybrid.staleness_lr,
                                clip_grad_norm=hybrid.clip_grad_norm)
         self.servers = [rpc.remote(w, EmbeddingServer, args=(j, self.held[j], model_cfg, cfg.seed, trainers,
@@ -76,7 +77,8 @@ class HybridJob:
         call_all(self.trainers, "load_checkpoint", directory, index)
 
     def layout(self) -> dict:
-        return {"servers": len(self.servers), "trainers": len(self.trainers), "sharding": self.sharding}
+        return {"servers": len(self.servers), "trainers": len(self.trainers), "sharding": self.sharding,
+                "samples_per_step": self.samples_per_step}
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """The plain models/dlrm.py state_dict: trainer 0's dense part and every server's rows."""
@@ -90,42 +92,13 @@ class HybridJob:
         return state
 
 
-def run_trainers(job: HybridJob, steps: int) -> List[List[Dict[str, float]]]:
-    """Every trainer's `run_epoch(steps)` at once; the first failure ends the job, named."""
-    # timeout=0: an epoch may take longer than any one RPC; each step's RPCs have their own limit.
-    futures = [t.rpc_async(timeout=0).run_epoch(steps) for t in job.trainers]
-    pending = set(range(len(futures)))
-    while pending:
-        for i in sorted(pending):
-            if futures[i].done():
-                pending.discard(i)
-                try:
-                    futures[i].wait()
-                except RuntimeError as err:
-                    raise RunFailure(failure(job, i, err, pending)) from err
-        time.sleep(0.05)
-    return [f.wait() for f in futures]
-
-
-def failure(job: HybridJob, failed: int, err: Exception, running: set) -> str:
-    """One line for the first trainer failure. A trainer that timed out waiting in the backward
-    waited for a peer: the peers still running and not in the backward themselves (or not
-    answering at all) are the ones that stopped, and the line names them first."""
-    name = f"{job.roles.trainers[failed]} (hybrid trainer {failed})"
-    if not timed_out(err):
-        return f"{name} failed: {first_line(err)}"
-    stuck = []
-    for i in sorted(running - {failed}):
-        try:
-            step, doing = job.trainers[i].rpc_sync(timeout=5).whereabouts()
-        except RuntimeError:
-            stuck.append(f"{job.roles.trainers[i]} (hybrid trainer {i}) does not answer")
-            continue
-        if doing != WAITING_FOR_PEERS:
-            stuck.append(f"{job.roles.trainers[i]} (hybrid trainer {i}) stopped in {doing} after step {step}")
-    if not stuck:
-        return f"{name} failed: {first_line(err)}"
-    return f"{'; '.join(stuck)}: {name} timed out waiting for it ({first_line(err)})"
+def check_same_step_size(saved: dict, now: dict) -> None:
+    """The data position counts batches of trainers x batch_size samples: resuming with another
+    product would start at the wrong sample. Servers and sharding may change; this may not."""
+    if saved and saved.get("samples_per_step") not in (None, now["samples_per_step"]):
+        raise ConfigError(f"the checkpoint was written with {saved['samples_per_step']} samples a step (trainers x "
+                          f"trainer.batch_size), this run takes {now['samples_per_step']}; resume with the same "
+                          "product, or start over with checkpoint.resume=none")
 
 
 def log_windows(logger: RunLogger, per_trainer: List[List[Dict[str, float]]]) -> Dict[str, float]:
@@ -150,12 +123,15 @@ def server_scalars(job: HybridJob) -> Dict[str, float]:
 
 def fit_hybrid(cfg: DictConfig, world_size: int, logger: RunLogger) -> FitResult:
     started = time.perf_counter()
+    # Read here first: a missing file or malformed line is the driver's one-line error, before
+    # any trainer reads the same file inside an RPC.
+    _, val = load_clicks(cfg.data, cfg.seed)
     job = HybridJob(cfg, world_size)
     checkpoints = Checkpointer(cfg, logger.log_dir, job, logger)
     start = checkpoints.resume()
     if start.step:  # servers and trainers hold the checkpoint's state; trainers take its data position
+        check_same_step_size(checkpoints.resumed_layout, job.layout())
         call_all(job.trainers, "resume", start.step, start.loader_state, start.batch)
-    _, val = load_clicks(cfg.data, cfg.seed)
     val_loader = DataLoader(val, batch_size=max(cfg.trainer.batch_size, 1024), shuffle=False)
     total = cfg.trainer.epochs * job.per_epoch
     total = min(total, cfg.trainer.max_steps) if cfg.trainer.max_steps else total
@@ -177,7 +153,7 @@ def run_epochs(cfg: DictConfig, job: HybridJob, checkpoints: Checkpointer, logge
         steps = min(job.per_epoch - skip, total - done)
         if steps <= 0:
             break
-        final.update(log_windows(logger, run_trainers(job, steps)))
+        final.update(log_windows(logger, run_trainers(job, steps, cfg.runtime.rpc_timeout_s)))
         before, done = done, done + steps
         # Every trainer's loader draws from an identically seeded generator: trainer 0's serves.
         complete = skip + steps == job.per_epoch

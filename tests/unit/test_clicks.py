@@ -33,6 +33,15 @@ def test_criteo_lines_parse_with_log_integers_hashed_categoricals_and_empty_fiel
     assert data.dense.dtype == torch.float32 and data.sparse.dtype == torch.int64
 
 
+def test_blank_lines_hold_no_sample_and_line_numbers_still_count_them(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text(criteo_line() + "\n" + criteo_line("0") + "\n\n" + criteo_line("2"))
+    with pytest.raises(ConfigError, match=f"{path}:6: label '2'"):
+        read_criteo(str(path), ROWS)
+    path.write_text(criteo_line() + "\n" + criteo_line("0") + "\n")
+    assert read_criteo(str(path), ROWS).labels.tolist() == [1.0, 0.0]
+
+
 def test_a_limit_reads_only_the_first_lines(tmp_path):
     path = tmp_path / "train.txt"
     path.write_text(criteo_line() * 3 + "not a criteo line\n")
