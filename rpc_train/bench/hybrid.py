@@ -25,7 +25,7 @@ from rpc_train.bench.launched import REPO, job_rate
 from rpc_train.config.compose import compose
 from rpc_train.data.clicks import load_clicks
 from rpc_train.hybrid.local import LocalClickEngine
-from rpc_train.metrics.table import format_table
+from rpc_train.metrics.table import format_table, rate_cell
 from rpc_train.runtime.world import usable_cores
 from torch.utils.data import DataLoader
 
@@ -95,12 +95,6 @@ def add_ratios(rows: List[Dict]) -> None:
         row["vs_peer"] = row["rate"] / base if base and not row["setup"].startswith("ddp_rpc") else "-"
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.2f}" if value < 100 else f"{value:.0f}"
-    return str(value)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rows = [single_process_row(args, n) for n in (1, 2)]  # first and alone: no job competes for the cores
@@ -117,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_ratios(rows)
     print(f"machine: {usable_cores()} usable cores, torch {torch.__version__}; DLRM preset, SGD tables, "
           f"b={args.batch_size} a trainer, {args.steps} steps a job, overrides: {args.override or '-'}")
-    print(format_table(rows, COLUMNS, HEADERS, _cell))
+    print(format_table(rows, COLUMNS, HEADERS, rate_cell))
     return 0
 
 

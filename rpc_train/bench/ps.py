@@ -24,7 +24,7 @@ from rpc_train.runtime.allocator import configure_allocator
 from rpc_train.data.datasets import make_loaders
 from rpc_train.training.local import LocalEngine
 from rpc_train.config.compose import compose
-from rpc_train.metrics.table import format_table
+from rpc_train.metrics.table import format_table, rate_cell
 from rpc_train.runtime.world import usable_cores
 
 COLUMNS = ["setup", "trainers", "batch", "rate", "spread", "vs_single", "vs_one", "vs_sync"]
@@ -110,13 +110,6 @@ def add_ratios(rows: List[Dict]) -> None:
         row["vs_sync"] = row["rate"] / sync[row["trainers"]] if row["setup"].endswith("async") else "-"
 
 
-def _cell(value) -> str:
-    # Rates as whole samples/s, ratios to two decimals.
-    if isinstance(value, float):
-        return f"{value:.2f}" if value < 100 else f"{value:.0f}"
-    return str(value)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # Single-process rows first and alone: no job competes with them for the cores.
@@ -128,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{args.servers} server(s), b={args.batch_size}, {args.steps} steps a job, "
           f"median of {args.repeats} run(s) a row, "
           f"overrides: {args.override or '-'}")
-    print(format_table(rows, COLUMNS, HEADERS, _cell))
+    print(format_table(rows, COLUMNS, HEADERS, rate_cell))
     return 0
 
 

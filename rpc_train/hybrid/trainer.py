@@ -10,7 +10,6 @@ A step, inside one distributed-autograd context:
    to apply its part (`apply_gradients`), which in sync mode answers once every trainer has.
 """
 
-import itertools
 import logging
 import math
 import os
@@ -29,6 +28,7 @@ from rpc_train.checkpoint.shares import load_worker_state, save_worker_state
 from rpc_train.config.errors import first_line
 from rpc_train.data.clicks import load_clicks
 from rpc_train.data.datasets import make_trainer_loader
+from rpc_train.data.order import DataOrder
 from rpc_train.hybrid.group import dense_group
 from rpc_train.hybrid.model import DenseArch, build_dlrm
 from rpc_train.hybrid.server import apply_gradients, lookup_rows
@@ -62,8 +62,7 @@ class HybridTrainer:
         self.step = 0
         self._versions = [0] * len(servers)
         self._step_hook = instantiate(step_hook) if step_hook else None
-        self._epoch_start: Optional[torch.Tensor] = None  # the loader's generator state then
-        self._resume_at: Optional[Tuple[Optional[torch.Tensor], int]] = None
+        self.order = DataOrder(self.loader)
         self.doing = "data loading"  # what the training thread does now (whereabouts)
         log.info("hybrid trainer %d (pid %d): %d steps per epoch of %d samples on %s", trainer_id, os.getpid(),
                  len(self.loader), batch_size, self.device)
@@ -74,15 +73,8 @@ class HybridTrainer:
     def run_epoch(self, steps: int) -> List[Dict[str, float]]:
         """Train `steps` batches of the epoch; one dict of window means every `log_every` steps."""
         windows, window = [], _Window()
-        batches = self.loader
-        if self._resume_at is not None:
-            (state, skip), self._resume_at = self._resume_at, None
-            if state is not None:
-                self.loader.generator.set_state(state)
-            batches = itertools.islice(self.loader, skip, None)
-        self._epoch_start = self.loader.generator.get_state()
-        # A for loop over the whole loader, as one process runs it: see ps/worker.py's run_epoch.
-        for taken, (dense, sparse, labels) in enumerate(batches):
+        # A for loop to its end or a break: see DataOrder.epoch.
+        for taken, (dense, sparse, labels) in enumerate(self.order.epoch()):
             if taken == steps:
                 break
             if self._step_hook is not None:
@@ -182,11 +174,12 @@ class HybridTrainer:
     def resume(self, step: int, loader_state: Optional[torch.Tensor], batch: int) -> None:
         """Go on from a checkpoint: `step` steps done; the next epoch's loader starts from
         `loader_state` (its generator state when that epoch began) and skips `batch` batches."""
-        self.step, self._resume_at = step, (loader_state, batch)
+        self.step = step
+        self.order.resume(loader_state, batch)
 
     def loader_state(self, at_epoch_start: bool) -> torch.Tensor:
         """The data order's position: at the start of the last epoch run, or now (after it)."""
-        return self._epoch_start if at_epoch_start else self.loader.generator.get_state()
+        return self.order.state(at_epoch_start)
 
     def dense_state(self) -> Dict[str, torch.Tensor]:
         return {k: v.cpu() for k, v in self.dense.plain_state_dict().items()}

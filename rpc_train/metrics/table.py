@@ -10,6 +10,13 @@ def number_cell(value: Any) -> str:
     return str(value)
 
 
+def rate_cell(value: Any) -> str:
+    """Rates as whole numbers, ratios (below 100) to two decimals, as is otherwise."""
+    if isinstance(value, float):
+        return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+    return str(value)
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], headers: Sequence[str] = (),
                  cell: Callable[[Any], str] = number_cell) -> str:
     """One line per row under a header line and a rule; the first column left-aligned, the

@@ -10,7 +10,6 @@ is also the one place where a server can hold a sync step (async_execution) and 
 bound staleness, and the trainer keeps a plain nn.Module, batch-norm statistics included.
 """
 
-import itertools
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ from omegaconf import OmegaConf
 
 from rpc_train.training.builders import build_model
 from rpc_train.data.datasets import load_datasets, make_trainer_loader
+from rpc_train.data.order import DataOrder
 from rpc_train.ps.progress import TrainerReport, record_report
 from rpc_train.ps.server import PushReply, fetch_shard, push_gradients
 from rpc_train.runtime.world import DRIVER
@@ -60,8 +60,7 @@ class TrainerWorker:
         self.loader = make_trainer_loader(train, batch_size, trainer_id, trainers, seed)
         self.total_steps, self.log_every, self.heartbeat_s = total_steps, log_every, heartbeat_s
         self.step = 0
-        self._epoch_start: Optional[torch.Tensor] = None  # the loader's generator state then
-        self._resume_at: Optional[Tuple[torch.Tensor, int]] = None
+        self.order = DataOrder(self.loader)
         self.report = TrainerReport(trainer_id)
         self._last_sent = time.monotonic()
         self._step_hook = instantiate(step_hook) if step_hook else None
@@ -83,27 +82,18 @@ class TrainerWorker:
         """Go on from a checkpoint: `step` steps done, the next epoch's loader starts from
         `loader_state` (its generator state at that epoch's start) and skips `batch` batches.
         Re-fetches the shards, which the driver has just loaded."""
-        self.step, self._resume_at = step, (loader_state, batch)
+        self.step = step
+        self.order.resume(loader_state, batch)
         self._fetch_shards()
 
     def loader_state(self, at_epoch_start: bool) -> torch.Tensor:
         """The data order's position: at the start of the last epoch run, or now (after it)."""
-        return self._epoch_start if at_epoch_start else self.loader.generator.get_state()
+        return self.order.state(at_epoch_start)
 
     def run_epoch(self, epoch: int, steps: int) -> int:
         """Train `steps` batches of this epoch's shard; return the steps taken so far."""
         taken = 0
-        batches = self.loader
-        if self._resume_at is not None:
-            (state, skip), self._resume_at = self._resume_at, None
-            if state is not None:
-                self.loader.generator.set_state(state)
-            batches = itertools.islice(self.loader, skip, None)
-        self._epoch_start = self.loader.generator.get_state()
-        # A for loop, as the single-process Trainer runs it: a full epoch runs the sampler to
-        # its end, where RandomSampler draws from the seeded generator once more; stopping
-        # after the last batch instead would shift every later epoch's order.
-        for x, y in batches:
+        for x, y in self.order.epoch():  # a for loop to its end or a break: see DataOrder.epoch
             if taken == steps:
                 break
             taken += 1

@@ -170,7 +170,7 @@ def test_a_checkpoint_of_one_server_by_table_loads_into_two_servers_by_row(tmp_p
     want, _ = train_clicks_locally(cfg, batch_size=2 * cfg.trainer.batch_size)  # two trainers both times
     assert_same_state(torch.load(second / "model.pt", weights_only=True), want)
     manifest = json.loads((second / "checkpoints" / "step_16" / "manifest.json").read_text())
-    assert manifest["layout"] == {"servers": 2, "trainers": 2, "sharding": "row"}
+    assert manifest["layout"] == {"servers": 2, "trainers": 2, "sharding": "row", "samples_per_step": 128}
     assert "embeddings.0.weight@0:250" in manifest["tensors"] and "embeddings.0.weight@250:500" in manifest["tensors"]
 
 
