@@ -113,9 +113,6 @@ class EmbeddingServer:
         self.version += 1
         self._stats["rows_updated"] += sum(g._nnz() for g in grads.values())
 
-    def pieces(self) -> List[Piece]:
-        return self.shard.pieces
-
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Each piece's rows, by piece name (sharding.Piece.name)."""
         with self._lock:
@@ -160,10 +157,6 @@ class EmbeddingServer:
             raise ConfigError(f"checkpoint {directory} holds embedding tables trained with {saved}, but "
                               f"hybrid.embedding_optim builds {type(self.optimizer).__name__}; resume with the same "
                               "hybrid.embedding_optim, or start over with checkpoint.resume=none")
-
-    def missing_trainers(self) -> List[int]:
-        with self._lock:
-            return sorted(set(range(self.trainers)) - set(self._round)) if self._round else []
 
     def pop_stats(self) -> Dict[str, float]:
         """Lookups/s and rows updated/s since the last call, and the stalest gradient applied."""

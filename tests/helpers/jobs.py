@@ -41,6 +41,26 @@ class Job:
                 return int(proc.name)
         raise AssertionError(f"no process for rank {rank}")
 
+    def wait_for_log(self, text: str, timeout: float = 120) -> None:
+        """Until the driver's log (rank0.log) holds `text`, while the job runs."""
+        log, deadline = self.run_dir / "rank0.log", time.monotonic() + timeout
+        while text not in (log.read_text() if log.exists() else ""):
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.output()
+            time.sleep(0.2)
+
+    def stop_rank_until_exit(self, rank: int, timeout: float = 120) -> tuple:
+        """SIGSTOP `rank` and wait for the job to end; (its exit code, seconds from the stop).
+        The stopped process is continued afterwards if it is still there, so nothing stays frozen."""
+        pid = self.rank_pid(rank)
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            code = self.proc.wait(timeout=timeout)
+            return code, time.monotonic() - stopped
+        finally:
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, signal.SIGCONT)
+
     def output(self) -> str:
         self.stdout.seek(0)
         self.stderr.seek(0)

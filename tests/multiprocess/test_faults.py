@@ -4,8 +4,6 @@ import json
 import os
 import re
 import signal
-import time
-from pathlib import Path
 
 import pytest
 
@@ -38,15 +36,7 @@ def test_a_killed_worker_is_restarted_and_the_job_resumes(tmp_path, job_factory)
 def test_a_stopped_worker_fails_the_job_within_the_rpc_timeout(tmp_path, job_factory):
     job = job_factory(LONG + ["runtime.rpc_timeout_s=5"], tmp_path / "run")
     job.wait_for_checkpoint()
-    pid = job.rank_pid(2)
-    os.kill(pid, signal.SIGSTOP)
-    stopped = time.monotonic()
-    try:
-        code = job.proc.wait(timeout=120)
-        elapsed = time.monotonic() - stopped
-    finally:
-        if Path(f"/proc/{pid}").exists():
-            os.kill(pid, signal.SIGCONT)
+    code, elapsed = job.stop_rank_until_exit(2)
     assert code != 0
     errors = [line for line in job.stderr_text().splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, job.output()

@@ -5,9 +5,7 @@ trainers' summed batch: in sync mode N trainers of batch b must end where it end
 """
 
 import json
-import os
 import re
-import signal
 import time
 
 import pytest
@@ -106,19 +104,8 @@ def test_a_raising_trainer_fails_the_job_naming_it(tmp_path):
 def test_a_stopped_embedding_server_fails_the_job_within_the_rpc_timeout_naming_it(tmp_path, job_factory):
     run = tmp_path / "run"
     job = job_factory(["experiment=dlrm_synthetic", "trainer.epochs=50", "runtime.rpc_timeout_s=5"], run, NPROC="4")
-    deadline = time.monotonic() + 120
-    while "epoch 1 (step" not in ((run / "rank0.log").read_text() if (run / "rank0.log").exists() else ""):
-        assert job.proc.poll() is None and time.monotonic() < deadline, job.output()
-        time.sleep(0.2)
-    pid = job.rank_pid(1)
-    os.kill(pid, signal.SIGSTOP)
-    stopped = time.monotonic()
-    try:
-        code = job.proc.wait(timeout=120)
-        elapsed = time.monotonic() - stopped
-    finally:
-        if os.path.exists(f"/proc/{pid}"):
-            os.kill(pid, signal.SIGCONT)
+    job.wait_for_log("epoch 1 (step")
+    code, elapsed = job.stop_rank_until_exit(1)
     assert code != 0
     errors = [line for line in job.stderr_text().splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, job.output()
