@@ -80,13 +80,16 @@ def measure(world, cfg, repeats: int) -> Dict[int, List[tuple]]:
     x, y = torch.randn(batch, *cfg.data.shape), torch.randint(0, cfg.data.num_classes, (batch,))
     rows = _rows(engine, x, y, repeats)
     engine.close()
-    for m in (2, 4, 8):
+    for m in (1, 2, 4, 8):
         if m > batch:
             break
         cfg.pipeline.micro_batches = m
         engine = PipelineEngine(cfg, world.size)
         engine.wait_ready()
-        rows.append((f"train_step, {m} micro-batches", median_ms(lambda: engine.train_step(x, y), repeats // 2)))
+        stats = engine.train_step(x, y).stats
+        rows.append((f"train_step, {m} micro-batch{'es' if m > 1 else ''}",
+                     median_ms(lambda: engine.train_step(x, y), repeats // 2),
+                     stats["pipeline/messages_per_micro_batch"], stats["pipeline/messages_per_step"]))
         engine.close()
     return rows
 
@@ -107,8 +110,15 @@ def main(argv=None) -> None:
     rows = run_in_local_world(cfg, 3, measure, (args.repeats,), timeout_s=600)
     print(f"torch {torch.__version__}, driver + 2 stages on this machine, model={args.model}, "
           f"batch {args.batch_size}, medians")
-    for name, ms in rows:
-        print(f"{name:<52} {ms:8.2f} ms")
+    print(f"{'':<52} {'median':>11} {'messages per':>26}")
+    print(f"{'':<52} {'':>11} {'micro-batch':>13} {'step':>12}")
+    for name, ms, *messages in rows:
+        counts = "".join(f"{n:13.1f}" for n in messages)
+        print(f"{name:<52} {ms:8.2f} ms{counts}")
+    steps = [(int(name.split()[1]), ms) for name, ms, *_ in rows if name.startswith("train_step, ") and "all" not in name]
+    if len(steps) > 1:
+        (m0, t0), (m1, t1) = steps[0], steps[-1]
+        print(f"each added micro-batch: {(t1 - t0) / (m1 - m0):.2f} ms (train_step at {m0} and {m1})")
 
 
 if __name__ == "__main__":

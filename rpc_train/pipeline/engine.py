@@ -28,6 +28,7 @@ import torch.distributed.rpc as rpc
 from omegaconf import DictConfig
 
 from rpc_train.config.schema import as_dict, num_stages
+from rpc_train.pipeline.messages import context_messages
 from rpc_train.pipeline.partition import plan_stages, stage_bounds
 from rpc_train.pipeline.stage import StageWorker, forward_on_stage
 from rpc_train.pipeline.timeline import bubble_fraction
@@ -108,7 +109,9 @@ class PipelineEngine:
             step_ms = 1e3 * (time.perf_counter() - stepping)
         finally:
             release.set()  # the contexts may close now: the stages have read their gradients
-        return step_result(loss, sum(d[2] for d in done), per_stage, started, step_ms)
+        result = step_result(loss, sum(d[2] for d in done), per_stage, started, step_ms)
+        count_messages(result.stats, sum(d[3] for d in done), per_stage, len(done))
+        return result
 
     def take_seq(self) -> int:
         """The next micro-batch's sequence number: stages run micro-batches in this order."""
@@ -139,7 +142,7 @@ class PipelineEngine:
                 # Even for a non-finite loss (the step is then dropped, not applied): with
                 # 1f1b, later forwards wait at each stage for this backward to end there.
                 dist_autograd.backward(context_id, [loss])
-                report.set_result((context_id, loss.item(), correct_of(out, y)))
+                report.set_result((context_id, loss.item(), correct_of(out, y), context_messages(context_id)))
                 release.wait()
         except BaseException as err:  # noqa: BLE001 - handed to the driver's thread
             if not report.done():
@@ -171,6 +174,15 @@ class PipelineEngine:
 
     def layout(self) -> Dict[str, Any]:
         return {"stages": len(self.stages), "layers_per_stage": list(self.counts), "workers": self.workers}
+
+
+def count_messages(stats: Dict[str, float], driver: int, per_stage: List[Dict[str, Any]], micro_batches: int) -> None:
+    """Messages per micro-batch (its forward, backward and context cleanup, counted by every
+    process: pipeline/messages.py) and per step (those, plus an optimizer-step call and its
+    reply per stage)."""
+    path = driver + sum(s["messages"] for s in per_stage)
+    stats["pipeline/messages_per_micro_batch"] = path / micro_batches
+    stats["pipeline/messages_per_step"] = path + 2 * len(per_stage)
 
 
 def step_result(loss: float, correct: int, per_stage: List[Dict[str, Any]], started: float,

@@ -19,6 +19,7 @@ from torch import nn
 
 from rpc_train.training.builders import build_model, build_optimizer
 from rpc_train.runtime.devices import on_device_stream
+from rpc_train.pipeline.messages import context_messages
 from rpc_train.checkpoint.shares import load_worker_state, save_worker_state
 
 # The stages hosted by this process, by stage id, for `forward_on_stage`.
@@ -98,6 +99,7 @@ class StageWorker:
         self._forward_spans: List[tuple] = []
         self._backward_spans: List[list] = []
         self._faults = _page_faults()
+        self._served = 0  # training forward requests served since the last step
         _LOCAL_STAGES[stage_id] = self
 
     def __reduce__(self):
@@ -173,6 +175,7 @@ class StageWorker:
                     y = self.module(x)
             if training:
                 self._forward_spans.append((seq, start, time.perf_counter()))
+                self._served += 1
             return y
         except BaseException:
             if training:  # no backward will ever end here for it: give its 1F1B place back
@@ -191,6 +194,9 @@ class StageWorker:
         """
         for p in self.params:
             p.grad = None
+        # Each served request and its reply, and what the contexts record (pipeline/messages.py).
+        messages = 2 * self._served + sum(context_messages(c) for c in context_ids)
+        self._served = 0
         for context_id in context_ids:
             grads = dist_autograd.get_gradients(context_id)
             sums, addends = [], []
@@ -212,7 +218,7 @@ class StageWorker:
             self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
-        return self.pop_stats()
+        return {**self.pop_stats(), "messages": messages}
 
     def pop_stats(self) -> Dict[str, Any]:
         """Compute times of the last step, each micro-batch's forward/backward span, and the
@@ -230,6 +236,7 @@ class StageWorker:
     def drop_stats(self) -> None:
         """Forget a step that was not applied (a skipped non-finite loss)."""
         self._forward_spans, self._backward_spans = [], []
+        self._served = 0
 
     @_on_stage_stream
     def state_dict(self) -> Dict[str, Any]:
