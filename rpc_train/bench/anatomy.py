@@ -3,25 +3,25 @@
 A profile of the per-micro-batch path of `PipelineEngine` (driver + K stages on this machine,
 a model small enough that messaging dominates): each row adds one piece to the previous one,
 so the differences say what each piece costs. It times the engine's own micro-batch path
-(`submit_micro_batch`) and numbers its bare forwards as the engine does (`take_seq`).
+(`train_on_stage` on stage 0) and counts each step's RPC messages (pipeline/messages.py).
 """
 
 import argparse
 import statistics
-import threading
-import time
 from typing import Callable, Dict, List
 
 import torch
-import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 
 from rpc_train.bench.rpc import echo, median_s
 from rpc_train.runtime.local_world import run_in_local_world
 from rpc_train.pipeline.engine import PipelineEngine
 from rpc_train.config.compose import compose
-from rpc_train.pipeline.stage import forward_on_stage
-from rpc_train.training.loss import loss_of
+from rpc_train.pipeline.stage import end_step_on_stage, train_on_stage
+from rpc_train.runtime.remote import call_all
+
+
+NAME = 56  # the width of the row names
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -32,43 +32,24 @@ def _rows(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, repeats: int
     first = engine.workers[0]
     x, y = x.to(engine.device), y.to(engine.device)  # where the engine keeps them (a GPU with device=cuda)
 
-    def forward(training: bool) -> torch.Tensor:
-        # Stages take micro-batches in the engine's sequence order: number them as it does.
-        return rpc.rpc_sync(first, forward_on_stage, args=(0, engine.take_seq(), x, training))
-
-    def in_context() -> None:
-        with dist_autograd.context():
-            forward(True)
-
-    def with_backward() -> None:
-        with dist_autograd.context() as context_id:
-            loss = loss_of(forward(True), y)
-            loss.item()
-            dist_autograd.backward(context_id, [loss])
-
-    def on_engine_thread() -> None:
-        # The engine's own micro-batch path on its pool thread; the context closes at release.
-        release = threading.Event()
-        engine.submit_micro_batch(x, y, len(y), release).result()
-        release.set()
+    def forward_and_backward() -> None:
+        # A training step's path without the optimizer step: the batch to stage 0, every
+        # micro-batch's forward, loss and backward, then its contexts closed.
+        rpc.rpc_sync(first, train_on_stage, args=(0, x, y))
+        rpc.rpc_sync(first, end_step_on_stage, args=(0,))
 
     rows = [("RPC round trip, driver <-> stage 0", median_ms(lambda: rpc.rpc_sync(first, echo, args=(x,)), repeats)),
-            ("forward through the stages, no autograd", median_ms(lambda: forward(False), repeats)),
-            ("  ... inside a distributed-autograd context", median_ms(in_context, repeats)),
-            ("  ... + loss and distributed backward", median_ms(with_backward, repeats)),
-            ("  ... on the engine's micro-batch thread", median_ms(on_engine_thread, repeats))]
-    step_ms, total_ms, compute_ms = [], [], []
+            ("forward and loss through the stages (eval_step)", median_ms(lambda: engine.eval_step(x, y), repeats)),
+            ("  ... training: contexts, backward from the last stage", median_ms(forward_and_backward, repeats))]
+    call_all(engine.stages, "drop_stats")  # those forwards never stepped
+    step_ms, compute_ms = [], []
     for i in range(repeats // 2 + 5):
-        start = time.perf_counter()
         result = engine.train_step(x, y)
-        total = time.perf_counter() - start
         if i >= 5:
-            total_ms.append(1e3 * total)
             step_ms.append(result.stats["pipeline/step_ms"])
             compute_ms.append(sum(v for k, v in result.stats.items() if k.endswith(("forward_ms", "backward_ms"))))
     rows += [("stages' optimizer step (one RPC each, in parallel)", statistics.median(step_ms)),
-             ("train_step, 1 micro-batch, all of it", statistics.median(total_ms)),
-             ("  of which stage compute (stages' clocks)", statistics.median(compute_ms))]
+             ("stage compute in a 1-micro-batch step (stages' clocks)", statistics.median(compute_ms))]
     return rows
 
 
@@ -104,18 +85,18 @@ def main(argv=None) -> None:
     cfg = compose([
         f"model={args.model}", "data=synthetic", f"trainer.batch_size={args.batch_size}",
         "pipeline.micro_batches=1", "pipeline.stages=2", "runtime.threads=1", "runtime.rpc_timeout_s=60",
-        # Some rows run forwards without a backward: under 1f1b the stages would (rightly)
-        # hold back the third such forward until a backward ends, and none ever does.
+        # Every micro-batch in flight at once: what the messaging costs, not held back by the
+        # schedule (as the figures in docs/benchmarks.md were taken).
         "pipeline.schedule=gpipe", *args.override])
     rows = run_in_local_world(cfg, 3, measure, (args.repeats,), timeout_s=600)
     print(f"torch {torch.__version__}, driver + 2 stages on this machine, model={args.model}, "
           f"batch {args.batch_size}, medians")
-    print(f"{'':<52} {'median':>11} {'messages per':>26}")
-    print(f"{'':<52} {'':>11} {'micro-batch':>13} {'step':>12}")
+    print(f"{'':<{NAME}} {'median':>11} {'messages per':>26}")
+    print(f"{'':<{NAME}} {'':>11} {'micro-batch':>13} {'step':>12}")
     for name, ms, *messages in rows:
         counts = "".join(f"{n:13.1f}" for n in messages)
-        print(f"{name:<52} {ms:8.2f} ms{counts}")
-    steps = [(int(name.split()[1]), ms) for name, ms, *_ in rows if name.startswith("train_step, ") and "all" not in name]
+        print(f"{name:<{NAME}} {ms:8.2f} ms{counts}")
+    steps = [(int(name.split()[1]), ms) for name, ms, *_ in rows if name.startswith("train_step, ")]
     if len(steps) > 1:
         (m0, t0), (m1, t1) = steps[0], steps[-1]
         print(f"each added micro-batch: {(t1 - t0) / (m1 - m0):.2f} ms (train_step at {m0} and {m1})")

@@ -19,6 +19,8 @@ ROUTINGS = ("least_loaded", "round_robin", "power_of_two")
 DEVICES = ("cpu", "cuda")
 BALANCE_STRATEGIES = ("params", "time")
 SCHEDULES = ("gpipe", "1f1b")
+# trainer.loss values: training/loss.py LOSSES has their functions.
+LOSS_NAMES = ("cross_entropy",)
 BALANCE_HELP = "'params', 'time', or a list of layer counts per stage such as [3,2]"
 SHARDINGS = ("table", "row")
 EMBEDDING_OPTIMS = ("sgd", "rowwise_adagrad")
@@ -63,7 +65,7 @@ class PipelineConf:
     # or a list of layer counts. Parameter counts mislead for conv nets: the first conv blocks
     # have the fewest parameters and the most compute.
     balance: Any = "time"
-    # "gpipe": every micro-batch enters at once; "1f1b": each stage holds at most `stages`
+    # "gpipe": every micro-batch enters at once; "1f1b": stage k of K holds at most K-k
     # micro-batches (forward done, backward not), which bounds activation memory. Both run
     # each backward as soon as it can.
     schedule: str = "1f1b"
@@ -216,6 +218,9 @@ class TrainerConf:
     progress: bool = True
     # Write the trained model as a plain state_dict (model.pt) in the run dir.
     save_model: bool = True
+    # The loss of the model's output against the labels (training/loss.py LOSSES); in
+    # pipeline mode the last stage computes it.
+    loss: str = "cross_entropy"
     # A NaN or infinite loss stops the run (false) or skips that step, counted in
     # train/skipped_steps (true). Either way no optimizer steps on it.
     skip_nonfinite: bool = False

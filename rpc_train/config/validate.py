@@ -10,8 +10,8 @@ from typing import Iterator, Sequence
 from omegaconf import DictConfig
 
 from rpc_train.config.errors import ConfigError
-from rpc_train.config.schema import (BALANCE_HELP, BALANCE_STRATEGIES, DEVICES, EMBEDDING_OPTIMS, MODES, ROUTINGS,
-                                     SCHEDULES, SHARDINGS, num_stages)
+from rpc_train.config.schema import (BALANCE_HELP, BALANCE_STRATEGIES, DEVICES, EMBEDDING_OPTIMS, LOSS_NAMES, MODES,
+                                     ROUTINGS, SCHEDULES, SHARDINGS, num_stages)
 from rpc_train.data.files import CLICK_DATASETS
 
 
@@ -32,6 +32,8 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
     yield from _positive("trainer.log_every", trainer.log_every)
     if trainer.max_steps is not None:
         yield from _positive("trainer.max_steps", trainer.max_steps)
+    if trainer.loss not in LOSS_NAMES:
+        yield f"trainer.loss={trainer.loss}: expected one of {', '.join(LOSS_NAMES)}"
     yield from _checkpoint_problems(cfg)
     parameter_server, serving, hybrid = (cfg.mode.name == m for m in ("parameter_server", "serve", "hybrid"))
     if hybrid != (cfg.data.name in CLICK_DATASETS):

@@ -1,9 +1,15 @@
 """One pipeline stage: a slice of the model's layers, its optimizer, living on one worker.
 
 The driver creates each `StageWorker` with `rpc.remote` and keeps the RRef: the RRef owns the
-stage's lifetime and carries the control calls (step, state, stats). The per-micro-batch path
-instead calls `forward_on_stage` by stage id: passing an RRef as an argument would run the
-RRef fork protocol (extra messages) for every micro-batch.
+stage's lifetime and carries the control calls (step, state, stats). The per-batch and
+per-micro-batch paths instead call functions by stage id (`train_on_stage`,
+`forward_on_stage`): passing an RRef as an argument would run the RRef fork protocol (extra
+messages) for every call.
+
+A micro-batch goes stage to stage with its targets; the last stage computes the loss and
+starts the distributed backward in the micro-batch's context (`finish`), and each stage's
+reply carries only the loss and correct count, detached, so no autograd send/recv pair is
+recorded on the way back.
 """
 
 import functools
@@ -17,10 +23,12 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 from torch import nn
 
-from rpc_train.training.builders import build_model, build_optimizer
-from rpc_train.runtime.devices import on_device_stream
-from rpc_train.pipeline.messages import context_messages
 from rpc_train.checkpoint.shares import load_worker_state, save_worker_state
+from rpc_train.pipeline.feed import Feeder
+from rpc_train.pipeline.messages import context_messages
+from rpc_train.runtime.devices import on_device_stream
+from rpc_train.training.builders import build_model, build_optimizer
+from rpc_train.training.loss import correct_of, loss_of
 
 # The stages hosted by this process, by stage id, for `forward_on_stage`.
 _LOCAL_STAGES: Dict[int, "StageWorker"] = {}
@@ -76,10 +84,13 @@ def _on_stage_stream(method):
 
 class StageWorker:
     def __init__(self, stage_id: int, model_cfg: dict, layers: range, optim_cfg: dict,
-                 scheduler_cfg: Optional[dict], device: str, seed: int, max_in_flight: Optional[int] = None):
+                 scheduler_cfg: Optional[dict], device: str, seed: int, max_in_flight: Optional[int] = None,
+                 loss: str = "cross_entropy", micro_batches: int = 1):
         """`max_in_flight`: 1F1B's bound, training micro-batches past this stage's forward whose
-        backward here has not ended (None: no bound, GPipe)."""
+        backward here has not ended (None: no bound, GPipe). `loss`: the last stage's loss
+        function (training/loss.py); `micro_batches`: how stage 0 splits each batch."""
         self.stage_id = stage_id
+        self.loss = loss
         self.max_in_flight = max_in_flight
         self._in_flight = 0
         self.device = torch.device(device)
@@ -100,6 +111,7 @@ class StageWorker:
         self._backward_spans: List[list] = []
         self._faults = _page_faults()
         self._served = 0  # training forward requests served since the last step
+        self.feeder = Feeder(self, micro_batches) if stage_id == 0 else None
         _LOCAL_STAGES[stage_id] = self
 
     def __reduce__(self):
@@ -175,7 +187,6 @@ class StageWorker:
                     y = self.module(x)
             if training:
                 self._forward_spans.append((seq, start, time.perf_counter()))
-                self._served += 1
             return y
         except BaseException:
             if training:  # no backward will ever end here for it: give its 1F1B place back
@@ -184,6 +195,41 @@ class StageWorker:
             raise
         finally:
             self._done_turn()
+
+    def forward_async(self, seq: int, x: torch.Tensor, targets: torch.Tensor, batch: Optional[int],
+                      context_id: Optional[int]) -> torch.futures.Future:
+        """Micro-batch `seq` through this stage, then on to the next one, or to the loss here on
+        the last: a Future of (loss, correct). Training when `context_id` names its autograd
+        context; `batch`, the whole batch's size, then scales its share of the loss."""
+        with on_device_stream(self.device):  # y is sent as ready on the stage's stream
+            y = self.compute(seq, x, context_id is not None)
+            if self.next_stage is None:
+                done = torch.futures.Future()
+                done.set_result(self.finish(y, targets, batch, context_id))
+                return done
+            worker, next_id = self.next_stage
+            return rpc.rpc_async(worker, forward_on_stage, args=(next_id, seq, y, targets, batch, context_id))
+
+    def forward(self, seq: int, x: torch.Tensor, targets: torch.Tensor, batch: int, context_id: int) -> tuple:
+        return self.forward_async(seq, x, targets, batch, context_id).wait()
+
+    def finish(self, out: torch.Tensor, targets: torch.Tensor, batch: Optional[int],
+               context_id: Optional[int]) -> tuple:
+        """The last stage: the micro-batch's loss and correct count, and in training its backward.
+
+        The loss is summed, then divided by the whole batch: the micro-batches' losses add up
+        to the batch's mean loss, so gradients match one pass over the batch. The backward
+        runs even for a non-finite loss (the driver then drops the step): with 1f1b, later
+        forwards wait at each stage for this backward to end there.
+        """
+        targets = targets.to(out.device, non_blocking=True)
+        loss = loss_of(out, targets, reduction="sum", name=self.loss)
+        correct = correct_of(out, targets)
+        if context_id is None:
+            return loss.item(), correct
+        loss = loss / batch
+        dist_autograd.backward(context_id, [loss])
+        return loss.item(), correct
 
     @_on_stage_stream
     def step(self, context_ids: List[int]) -> Dict[str, Any]:
@@ -245,6 +291,8 @@ class StageWorker:
 
     def release(self) -> None:
         """Forget this stage so its tensors can be freed once the driver's RRef goes too."""
+        if self.feeder is not None:
+            self.feeder.close()
         if _LOCAL_STAGES.get(self.stage_id) is self:
             del _LOCAL_STAGES[self.stage_id]
 
@@ -284,20 +332,32 @@ def _local_stage(stage_id: int) -> "StageWorker":
 
 
 @rpc.functions.async_execution
-def forward_on_stage(stage_id: int, seq: int, x: torch.Tensor, training: bool) -> torch.futures.Future:
-    """Run micro-batch `seq` through this stage, then push it on to the next stage.
+def forward_on_stage(stage_id: int, seq: int, x: torch.Tensor, targets: torch.Tensor, batch: Optional[int],
+                     context_id: Optional[int]) -> torch.futures.Future:
+    """Run micro-batch `seq` through this stage and push it on (`StageWorker.forward_async`).
 
-    Activations go stage to stage, never through the driver. The reply (the last stage's
-    output, on its device: the reverse device maps bring it to the driver's) travels back
-    along the chain; async_execution frees this RPC thread meanwhile.
+    Activations go stage to stage, never through the driver; async_execution frees this RPC
+    thread while the later stages work.
     """
     stage = _LOCAL_STAGES[stage_id]
-    with on_device_stream(stage.device):  # y is sent or returned as ready on the stage's stream
-        y = stage.compute(seq, x, training)
-        if stage.next_stage is None:
-            # With its devices named, the future records y as ready on this stream.
-            done = torch.futures.Future(devices=[stage.device] if stage.device.type == "cuda" else None)
-            done.set_result(y)
-            return done
-        worker, next_id = stage.next_stage
-        return rpc.rpc_async(worker, forward_on_stage, args=(next_id, seq, y, training))
+    if context_id is not None:
+        with stage._turn:
+            stage._served += 1
+    return stage.forward_async(seq, x, targets, batch, context_id)
+
+
+@rpc.functions.async_execution
+def train_on_stage(stage_id: int, x: torch.Tensor, y: torch.Tensor) -> torch.futures.Future:
+    """Stage 0: a training batch through the pipeline (`Feeder.train`)."""
+    return _LOCAL_STAGES[stage_id].feeder.train(x, y)
+
+
+@rpc.functions.async_execution
+def evaluate_on_stage(stage_id: int, x: torch.Tensor, y: torch.Tensor) -> torch.futures.Future:
+    """Stage 0: an evaluation batch through the pipeline (`Feeder.evaluate`)."""
+    return _LOCAL_STAGES[stage_id].feeder.evaluate(x, y)
+
+
+def end_step_on_stage(stage_id: int) -> None:
+    """Stage 0: the step is over, the micro-batches' contexts may close (`Feeder.end_step`)."""
+    _LOCAL_STAGES[stage_id].feeder.end_step()

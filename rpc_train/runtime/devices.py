@@ -98,7 +98,15 @@ def on_device_stream(device: torch.device):
     """
     if device.type != "cuda":
         return nullcontext()
+    return torch.cuda.stream(after_current_stream(device))
+
+
+def after_current_stream(device: torch.device):
+    """The GPU's default stream, made to wait for what this thread's current stream queued
+    (an RPC request's stream: its tensors are ready on it). None for the CPU."""
+    if device.type != "cuda":
+        return None
     bind_cuda_context(device)
     stream = torch.cuda.default_stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
-    return torch.cuda.stream(stream)
+    return stream

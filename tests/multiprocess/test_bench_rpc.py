@@ -24,13 +24,19 @@ def test_micro_batch_anatomy_times_every_piece():
     result = subprocess.run([sys.executable, "-m", "rpc_train.bench.anatomy", "--repeats", "10"],
                             cwd=REPO, capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stderr[-3000:]
-    figures = {line.rsplit(" ", 2)[0].strip(): float(line.split()[-2])
-               for line in result.stdout.splitlines()[1:]}
-    assert len(figures) == 11 and all(ms > 0 for ms in figures.values()), figures
-    # Each row adds a piece to the one before: a micro-batch with its backward costs more than
-    # the bare forward, and a step of 8 micro-batches more than a step of 1.
-    assert figures["... + loss and distributed backward"] > figures["forward through the stages, no autograd"]
-    assert figures["train_step, 8 micro-batches"] > figures["train_step, 1 micro-batch, all of it"]
+    rows = {line[:56].strip(): [float(v) for v in line[56:].replace(" ms", "").split()]
+            for line in result.stdout.splitlines()[3:] if " ms" in line and not line.startswith("each")}
+    assert len(rows) == 9 and all(figures[0] > 0 for figures in rows.values()), rows
+    # A training pass costs more than the forward alone, and a step of 8 micro-batches more
+    # than a step of 1.
+    assert rows["... training: contexts, backward from the last stage"][0] > rows[
+        "forward and loss through the stages (eval_step)"][0]
+    assert rows["train_step, 8 micro-batches"][0] > rows["train_step, 1 micro-batch"][0]
+    # Messages a micro-batch costs with K=2 (pipeline/messages.py), whatever the count; a step
+    # adds the driver's 4 calls and their replies.
+    steps = {m: rows[f"train_step, {m} micro-batch{'es' if m > 1 else ''}"] for m in (1, 2, 4, 8)}
+    assert all(figures[1:] == [6.0, 6 * m + 8.0] for m, figures in steps.items()), steps
+    assert "each added micro-batch:" in result.stdout
 
 
 def test_side_by_side_jobs_report_each_step():

@@ -1,0 +1,80 @@
+"""Stage 0 feeds the pipeline: the driver hands it a whole batch in one call.
+
+Stage 0 splits the batch into micro-batches and gives each its own distributed-autograd
+context, on a thread of its own that holds the context open until the stages have stepped
+(closing it frees the gradients). Its forward goes to the next stage with the targets; the
+last stage computes the loss and starts the backward (`StageWorker.finish`), so gradients
+cross only the K-1 stage boundaries and the driver takes no part in autograd at all: one call
+per step where it used to make one per micro-batch, each carrying a recorded send whose
+backward and context cleanup cost four more messages (docs/benchmarks.md, "anatomy").
+"""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+import torch
+import torch.distributed.autograd as dist_autograd
+
+from rpc_train.runtime.devices import after_current_stream, bind_cuda_context
+
+
+class Feeder:
+    def __init__(self, stage, micro_batches: int):
+        self.stage = stage
+        self.micro_batches = micro_batches
+        # One thread per micro-batch: each holds its autograd context until the step. A new
+        # thread starts with OpenMP's default team (every core), not the process's
+        # runtime.threads: on a busy machine its idle team spins, burning cores the other
+        # stages need (stage 0 of the MLP took 2x its CPU time). torch's own threads (RPC,
+        # autograd) are set up this way when they start.
+        self._pool = ThreadPoolExecutor(micro_batches, thread_name_prefix="micro-batch",
+                                        initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+        self._release = threading.Event()
+        self._seq = 0
+
+    def take_seq(self) -> int:
+        """The next micro-batch's sequence number: every stage runs micro-batches in this order."""
+        seq, self._seq = self._seq, self._seq + 1
+        return seq
+
+    def _chunks(self, x: torch.Tensor, y: torch.Tensor):
+        m = min(self.micro_batches, len(x))  # a last, short batch may have fewer rows than that
+        return zip(x.tensor_split(m), y.tensor_split(m))
+
+    def train(self, x: torch.Tensor, y: torch.Tensor) -> torch.futures.Future:
+        """A Future of [(context id, loss share, correct)] per micro-batch, set once every
+        backward is done; the contexts stay open until `end_step`."""
+        self._release = release = threading.Event()
+        reports = []
+        # On a GPU the batch arrived on this request's stream; the micro-batch threads work on
+        # the stage's stream, which must wait for it first.
+        after_current_stream(self.stage.device)
+        for cx, cy in self._chunks(x, y):
+            report = torch.futures.Future()
+            self._pool.submit(self._micro_batch, self.take_seq(), cx, cy, len(y), release, report)
+            reports.append(report)
+        return torch.futures.collect_all(reports).then(lambda done: [r.wait() for r in done.wait()])
+
+    def _micro_batch(self, seq, x, y, batch, release, report: torch.futures.Future) -> None:
+        try:
+            bind_cuda_context(self.stage.device)
+            with dist_autograd.context() as context_id:
+                loss, correct = self.stage.forward(seq, x, y, batch, context_id)
+                report.set_result((context_id, loss, correct))
+                release.wait()
+        except BaseException as err:  # noqa: BLE001 - handed to the driver's call
+            if not report.done():
+                report.set_exception(err)
+
+    def end_step(self) -> None:
+        """The stages have read their gradients: the micro-batches' contexts may close."""
+        self._release.set()
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> torch.futures.Future:
+        """A Future of the batch's (summed loss, correct count); micro-batches pipeline as in training."""
+        results = [self.stage.forward_async(self.take_seq(), cx, cy, None, None) for cx, cy in self._chunks(x, y)]
+        return torch.futures.collect_all(results).then(
+            lambda done: tuple(map(sum, zip(*(r.wait() for r in done.wait())))))
+
+    def close(self) -> None:
+        self._release.set()
+        self._pool.shutdown(wait=True)
