@@ -66,8 +66,8 @@ class PipelineConf:
     # have the fewest parameters and the most compute.
     balance: Any = "time"
     # "gpipe": every micro-batch enters at once; "1f1b": stage k of K holds at most K-k
-    # micro-batches (forward done, backward not), which bounds activation memory. Both run
-    # each backward as soon as it can.
+    # micro-batches (forward done, backward not), which bounds activation memory
+    # (stage<k>/peak_memory_mb). Both run each backward as soon as it can.
     schedule: str = "1f1b"
     # Log a timeline figure of the pipeline every N steps (0: never).
     timeline_every: int = 100

@@ -159,6 +159,7 @@ def step_result(loss: float, correct: int, per_stage: List[Dict[str, Any]], star
         stats[f"stage{i}/forward_ms"] = s["forward_ms"]
         stats[f"stage{i}/backward_ms"] = s["backward_ms"]
         stats[f"stage{i}/page_faults"] = s["page_faults"]
+        stats[f"stage{i}/peak_memory_mb"] = s["peak_memory_mb"]
     spans = [s["spans"] for s in per_stage]
     stats["pipeline/bubble_fraction"] = bubble_fraction(spans, started, time.perf_counter())
     return StepResult(loss, correct, stats, spans=spans, started=started)

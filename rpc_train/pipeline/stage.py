@@ -25,6 +25,7 @@ from torch import nn
 
 from rpc_train.checkpoint.shares import load_worker_state, save_worker_state
 from rpc_train.pipeline.feed import Feeder
+from rpc_train.pipeline.memory import ActivationMeter
 from rpc_train.pipeline.messages import context_messages
 from rpc_train.runtime.devices import on_device_stream
 from rpc_train.training.builders import build_model, build_optimizer
@@ -102,6 +103,7 @@ class StageWorker:
         # A stage of parameter-free layers only (a time-balanced split can make one) steps nothing.
         self.optimizer, self.scheduler = (build_optimizer(self.params, optim_cfg, scheduler_cfg)
                                           if self.params else (None, None))
+        self.memory = ActivationMeter(self.params, self.device)
         self.next_stage: Optional[tuple] = None  # (worker name, stage id)
         self._anchor = torch.zeros((), requires_grad=True)
         self._turn = threading.Lock()  # guards _next_seq, _in_flight and _waiting
@@ -152,6 +154,7 @@ class StageWorker:
     def _backward_ended(self, span: list, t: float) -> None:
         span[2] = t
         with self._turn:
+            self.memory.released(span[0])
             self._in_flight -= 1
             self._wake_next()
 
@@ -181,12 +184,15 @@ class StageWorker:
                         started = lambda t: span.__setitem__(1, t)  # noqa: E731
                     else:
                         started = _ends_with_graph_task(span, ended)
-                    y = self.module(x)
+                    with self.memory.forward(seq):
+                        y = self.module(x)
                     y = _Clock.apply(y, self._anchor, started)
                 else:
                     y = self.module(x)
             if training:
                 self._forward_spans.append((seq, start, time.perf_counter()))
+                with self._turn:
+                    self.memory.held(seq)
             return y
         except BaseException:
             if training:  # no backward will ever end here for it: give its 1F1B place back
@@ -274,7 +280,7 @@ class StageWorker:
         faults, self._faults = self._faults, _page_faults()
         stats = {"forward_ms": 1e3 * sum(b - a for kind, _, a, b in spans if kind == "F"),
                  "backward_ms": 1e3 * sum(b - a for kind, _, a, b in spans if kind == "B"),
-                 "page_faults": self._faults - faults,
+                 "page_faults": self._faults - faults, "peak_memory_mb": self.memory.pop_peak_mb(),
                  "lr": self.optimizer.param_groups[0]["lr"] if self.optimizer else None, "spans": spans}
         self._forward_spans, self._backward_spans = [], []
         return stats
@@ -283,6 +289,7 @@ class StageWorker:
         """Forget a step that was not applied (a skipped non-finite loss)."""
         self._forward_spans, self._backward_spans = [], []
         self._served = 0
+        self.memory.pop_peak_mb()
 
     @_on_stage_stream
     def state_dict(self) -> Dict[str, Any]:

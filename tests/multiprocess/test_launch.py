@@ -16,7 +16,7 @@ EXPECTED_SCALARS = {
     "train/loss", "train/accuracy", "val/loss", "val/accuracy", "lr",
     "throughput/samples_per_s", "time/step_ms",
     "stage0/forward_ms", "stage0/backward_ms", "stage1/forward_ms", "stage1/backward_ms",
-    "stage0/page_faults", "stage1/page_faults",
+    "stage0/page_faults", "stage1/page_faults", "stage0/peak_memory_mb", "stage1/peak_memory_mb",
     "pipeline/bubble_fraction", "pipeline/step_ms",
     "pipeline/messages_per_micro_batch", "pipeline/messages_per_step",
 }
@@ -74,6 +74,9 @@ def test_smoke_run_shows_the_pipeline_timeline(smoke_run):
                 start, end = held.get(e["name"][1:], (None, None))
                 held[e["name"][1:]] = (e["ts"], end) if e["cat"] == "forward" else (start, e["ts"] + e["dur"])
         assert max(sum(a <= start < b for a, b in held.values()) for start, _ in held.values()) <= 2 - stage, held
+    # ... and so holds less: stage 1 one micro-batch's activations at a time, stage 0 two.
+    peaks = {k: [v for _, v in read_scalars(run_dir)[f"stage{k}/peak_memory_mb"]] for k in (0, 1)}
+    assert all(v > 0 for k in (0, 1) for v in peaks[k]), peaks
 
 
 def test_exported_model_loads_without_rpc(smoke_run):

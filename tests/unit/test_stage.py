@@ -35,7 +35,7 @@ def test_a_forward_that_raises_gives_back_its_1f1b_place():
 
 
 def stage_stats(lr):
-    return {"lr": lr, "forward_ms": 1.0, "backward_ms": 2.0, "page_faults": 0, "spans": []}
+    return {"lr": lr, "forward_ms": 1.0, "backward_ms": 2.0, "page_faults": 0, "peak_memory_mb": 1.0, "spans": []}
 
 
 def test_a_step_result_without_any_optimizer_has_no_lr():
