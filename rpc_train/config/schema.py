@@ -73,6 +73,9 @@ class PipelineConf:
     timeline_every: int = 100
     # Write a Chrome trace (trace.json in the run dir, opens in Perfetto) of this step.
     trace_step: Optional[int] = None
+    # Record this step with torch.profiler on every rank: profile/step_N/<rank>.json in the
+    # run dir, and merged.json with every rank on one clock (pipeline/profile.py).
+    profile_step: Optional[int] = None
 
 
 @dataclass

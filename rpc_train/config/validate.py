@@ -78,6 +78,12 @@ def _runtime_problems(cfg: DictConfig) -> Iterator[str]:
         yield f"runtime.threads={runtime.threads}: must be 0 (share the cores) or a positive count"
     if cfg.pipeline.timeline_every < 0:
         yield f"pipeline.timeline_every={cfg.pipeline.timeline_every}: must be 0 (never) or a positive count"
+    profile_step, max_steps = cfg.pipeline.profile_step, cfg.trainer.max_steps
+    if profile_step is not None:
+        yield from _positive("pipeline.profile_step", profile_step)
+        if max_steps is not None and profile_step > max_steps >= 1:
+            yield (f"pipeline.profile_step={profile_step}: the run stops at trainer.max_steps={max_steps}; "
+                   f"profile a step from 1 to {max_steps}")
 
 
 def _micro_batch_problems(pipe: DictConfig, batch_size: int, rpc_threads: int) -> Iterator[str]:

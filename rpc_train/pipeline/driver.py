@@ -6,6 +6,7 @@ from rpc_train.checkpoint.manager import Checkpointer
 from rpc_train.data.datasets import make_loaders
 from rpc_train.metrics.tensorboard import RunLogger
 from rpc_train.pipeline.engine import PipelineEngine
+from rpc_train.pipeline.profile import ProfileHook
 from rpc_train.pipeline.timeline import TimelineLogger
 from rpc_train.runtime.liveness import WorkerWatch
 from rpc_train.runtime.world import worker_name
@@ -21,7 +22,8 @@ def fit_pipeline(cfg: DictConfig, world_size: int, logger: RunLogger) -> FitResu
     checkpoints = Checkpointer(cfg, logger.log_dir, engine, logger)
     start = checkpoints.resume()
     timeline = TimelineLogger(logger, logger.log_dir, cfg.pipeline.timeline_every, cfg.pipeline.trace_step)
-    final = Trainer(engine, train_loader, val_loader, cfg.trainer, logger, hooks=[timeline, checkpoints],
+    profiler = ProfileHook(engine, logger.log_dir, cfg.pipeline.profile_step, (start.step if start else 0) + 1)
+    final = Trainer(engine, train_loader, val_loader, cfg.trainer, logger, hooks=[timeline, profiler, checkpoints],
                     start=start).fit()
     checkpoints.save()  # the final one, unless the last step just saved it
     return final, engine.state_dict

@@ -27,11 +27,12 @@ from omegaconf import DictConfig
 
 from rpc_train.config.schema import as_dict, num_stages
 from rpc_train.pipeline.partition import plan_stages, stage_bounds
+from rpc_train.pipeline.profile import RankProfiler
 from rpc_train.pipeline.stage import StageWorker, end_step_on_stage, evaluate_on_stage, train_on_stage
 from rpc_train.pipeline.timeline import bubble_fraction
 from rpc_train.runtime.devices import driver_device, mps_running, shared_gpu_note, stage_device
 from rpc_train.runtime.remote import call_all, gather_state
-from rpc_train.runtime.world import worker_name
+from rpc_train.runtime.world import DRIVER, worker_name
 from rpc_train.training.builders import build_model
 from rpc_train.training.protocol import StepResult
 
@@ -71,6 +72,7 @@ class PipelineEngine:
         ]
         # The previous step's `end_step_on_stage`, waited for (errors surface) before the next call.
         self._ended: Optional[torch.futures.Future] = None
+        self._profiler = RankProfiler()
         log.info("pipeline: %d stages on %s, layers per stage %s, %d micro-batches, %s schedule",
                  k, ", ".join(self.workers), self.counts, self.micro_batches, cfg.pipeline.schedule)
         note = shared_gpu_note(cfg.device, k, torch.cuda.device_count(), mps_running())
@@ -112,6 +114,17 @@ class PipelineEngine:
         loss, correct = self._call_first_stage(evaluate_on_stage, x.to(self.device), y.to(self.device))
         return StepResult(loss, correct)
 
+    # pipeline.profile_step (pipeline/profile.py): every rank's torch.profiler, this one's too.
+    def start_profile(self) -> None:
+        call_all(self.stages, "start_profile")
+        self._profiler.start(self.device.type)
+
+    def stop_profile(self) -> Dict[str, dict]:
+        """Each rank's trace since `start_profile`, by worker name."""
+        traces = {DRIVER: self._profiler.stop()}
+        traces.update(zip(self.workers, call_all(self.stages, "stop_profile")))
+        return traces
+
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """The whole model's state, named as in the `models/` class, gathered from the stages."""
         return gather_state(self.stages)
@@ -121,6 +134,7 @@ class PipelineEngine:
         if self._ended is not None:
             self._ended.wait()
         call_all(self.stages, "release")
+        self._profiler.close()
 
     # Checkpoints (rpc_train/checkpoint/manager.py): every stage reads and writes its own share.
     def save_checkpoint(self, directory: str) -> List[dict]:

@@ -22,11 +22,13 @@ import torch
 import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 from torch import nn
+from torch.profiler import record_function
 
 from rpc_train.checkpoint.shares import load_worker_state, save_worker_state
 from rpc_train.pipeline.feed import Feeder
 from rpc_train.pipeline.memory import ActivationMeter
 from rpc_train.pipeline.messages import context_messages
+from rpc_train.pipeline.profile import RankProfiler
 from rpc_train.runtime.devices import on_device_stream
 from rpc_train.training.builders import build_model, build_optimizer
 from rpc_train.training.loss import correct_of, loss_of
@@ -114,6 +116,7 @@ class StageWorker:
         self._faults = _page_faults()
         self._served = 0  # training forward requests served since the last step
         self.feeder = Feeder(self, micro_batches) if stage_id == 0 else None
+        self._profiler: Optional[RankProfiler] = None  # made on the first start_profile
         _LOCAL_STAGES[stage_id] = self
 
     def __reduce__(self):
@@ -184,11 +187,12 @@ class StageWorker:
                         started = lambda t: span.__setitem__(1, t)  # noqa: E731
                     else:
                         started = _ends_with_graph_task(span, ended)
-                    with self.memory.forward(seq):
+                    with self.memory.forward(seq), record_function(f"stage{self.stage_id}/forward"):
                         y = self.module(x)
                     y = _Clock.apply(y, self._anchor, started)
                 else:
-                    y = self.module(x)
+                    with record_function(f"stage{self.stage_id}/forward"):
+                        y = self.module(x)
             if training:
                 self._forward_spans.append((seq, start, time.perf_counter()))
                 with self._turn:
@@ -296,10 +300,20 @@ class StageWorker:
         """Parameters and buffers named as in the full model (`<layer index>.<name>`)."""
         return {self._global_name(key): value.detach().cpu() for key, value in self.module.state_dict().items()}
 
+    def start_profile(self) -> None:
+        if self._profiler is None:
+            self._profiler = RankProfiler()
+        self._profiler.start(self.device.type)
+
+    def stop_profile(self) -> dict:
+        return self._profiler.stop()
+
     def release(self) -> None:
         """Forget this stage so its tensors can be freed once the driver's RRef goes too."""
         if self.feeder is not None:
             self.feeder.close()
+        if self._profiler is not None:
+            self._profiler.close()
         if _LOCAL_STAGES.get(self.stage_id) is self:
             del _LOCAL_STAGES[self.stage_id]
 

@@ -79,6 +79,27 @@ def test_smoke_run_shows_the_pipeline_timeline(smoke_run):
     assert all(v > 0 for k in (0, 1) for v in peaks[k]), peaks
 
 
+def test_the_profiled_step_has_every_stage_on_one_clock(smoke_run):
+    run_dir, result = smoke_run
+    directory = run_dir / "profile" / "step_12"
+    assert sorted(p.name for p in directory.iterdir()) == ["driver.json", "merged.json", "worker1.json", "worker2.json"]
+    assert str(directory) in (run_dir / "rank0.log").read_text()  # the log says where
+    events = json.loads((directory / "merged.json").read_text())["traceEvents"]
+    process = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "process_name"}
+
+    def ops(worker, match):
+        return [e for e in events if e.get("ph") == "X" and process[e["pid"]].startswith(worker) and match(e["name"])]
+
+    forwards = [ops(f"worker{k + 1}", lambda name, k=k: name == f"stage{k}/forward") for k in (0, 1)]
+    backwards = [ops(f"worker{k + 1}", lambda name: "Backward" in name) for k in (0, 1)]
+    assert [len(f) for f in forwards] == [4, 4]  # the smoke preset's 4 micro-batches, on each stage
+    assert all(backwards), "a stage's backward ops are missing"
+    # One clock: the first forward starts on stage 0 before stage 1, the last backward ends on
+    # stage 1 before stage 0 (the gradient comes back to it).
+    assert min(e["ts"] for e in forwards[0]) < min(e["ts"] for e in forwards[1])
+    assert max(e["ts"] + e["dur"] for e in backwards[1]) < max(e["ts"] + e["dur"] for e in backwards[0])
+
+
 def test_exported_model_loads_without_rpc(smoke_run):
     run_dir, _ = smoke_run
     cfg = compose(SMOKE)

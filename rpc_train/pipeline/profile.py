@@ -1,0 +1,131 @@
+"""pipeline.profile_step=N: step N recorded with torch.profiler on every rank, and merged.
+
+Every process (the driver and each stage) records all its threads (`profile_all_threads`:
+RPC handlers, the autograd engine's, stage 0's micro-batch threads), with CUDA activity when
+the stage runs on a GPU. Kineto wants a profiler started and stopped on one thread, and RPC
+calls arrive on any of the agent's, so each process runs its profiler on a thread of its own.
+
+The traces come back to the driver, which writes one per rank and a merged one under
+`<run dir>/profile/step_N/`. Kineto's timestamps are on each process's own clock; a marker
+event recorded at a known wall-clock time puts every trace on the wall clock, which
+processes of one machine share (across machines, as closely as their clocks agree).
+"""
+
+import json
+import logging
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Optional
+
+from torch.profiler import ProfilerActivity, profile, record_function
+
+log = logging.getLogger(__name__)
+
+CLOCK_MARK = "rpc_train/wall_clock"
+
+
+class RankProfiler:
+    """This process's profiler, started and stopped on its own thread."""
+
+    def __init__(self):
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="profiler")
+        self._profile: Optional[profile] = None
+        self._wall_us = 0.0
+
+    def start(self, device_type: str) -> None:
+        self._thread.submit(self._start, device_type).result()
+
+    def stop(self) -> dict:
+        """The trace (Chrome trace format) since `start`, its times on the wall clock."""
+        return self._thread.submit(self._stop).result()
+
+    def _start(self, device_type: str) -> None:
+        from torch._C._profiler import _ExperimentalConfig
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+        self._profile = profile(activities=activities,
+                                experimental_config=_ExperimentalConfig(profile_all_threads=True))
+        self._profile.start()
+        with record_function(CLOCK_MARK):
+            self._wall_us = time.time_ns() / 1e3
+
+    def _stop(self) -> dict:
+        prof, self._profile = self._profile, None
+        prof.stop()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                trace = json.load(f)
+        return on_wall_clock(trace, self._wall_us)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+
+def on_wall_clock(trace: dict, wall_us: float) -> dict:
+    """Shift every event so that the clock marker sits at `wall_us` (taken inside it)."""
+    mark = next(e for e in trace["traceEvents"] if e.get("name") == CLOCK_MARK)
+    offset = wall_us - (float(mark["ts"]) + float(mark.get("dur", 0)) / 2)
+    for event in trace["traceEvents"]:
+        if "ts" in event:
+            event["ts"] = float(event["ts"]) + offset
+    return trace
+
+
+def merge(traces: Dict[str, dict]) -> dict:
+    """One trace of every rank's events: each process of each rank a process of its own,
+    named after the rank (Kineto numbers them by OS pid, and GPUs by device index)."""
+    events, ids = [], {}
+    for rank, trace in traces.items():
+        named = set()
+        for event in trace["traceEvents"]:
+            event = dict(event)
+            if "pid" in event:
+                event["pid"] = ids.setdefault((rank, event["pid"]), len(ids))
+            if "id" in event:  # flow arrows are matched by id: keep each rank's apart
+                event["id"] = f"{rank}:{event['id']}"
+            if event.get("ph") == "M" and event.get("name") == "process_name":
+                event["args"] = {"name": f"{rank}: {event.get('args', {}).get('name', '')}"}
+                named.add(event["pid"])
+            events.append(event)
+        events += [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": rank}}
+                   for (r, _), pid in ids.items() if r == rank and pid not in named]
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def write_traces(run_dir: str, step: int, traces: Dict[str, dict]) -> str:
+    """`profile/step_N/<rank>.json` for each rank and `merged.json`; returns the directory."""
+    directory = os.path.join(run_dir, "profile", f"step_{step}")
+    os.makedirs(directory, exist_ok=True)
+    for rank, trace in traces.items():
+        with open(os.path.join(directory, f"{rank}.json"), "w") as f:
+            json.dump(trace, f)
+    with open(os.path.join(directory, "merged.json"), "w") as f:
+        json.dump(merge(traces), f)
+    return directory
+
+
+class ProfileHook:
+    """A Trainer hook: profile step `step` on every rank of `engine` (after step-1 ends, it
+    starts; after step ends, it stops and writes). `first_step`: the step the run starts with."""
+
+    def __init__(self, engine, run_dir: str, step: Optional[int], first_step: int):
+        self.engine, self.run_dir, self.step = engine, run_dir, step
+        if step is not None and step < first_step:
+            log.warning("pipeline.profile_step=%d: this run resumes at step %d, past it; nothing is profiled",
+                        step, first_step)
+        elif step == first_step:
+            engine.start_profile()
+
+    def __call__(self, step: int, result) -> None:
+        if self.step is None:
+            return
+        if step == self.step - 1:
+            self.engine.start_profile()
+        elif step == self.step:
+            directory = write_traces(self.run_dir, step, self.engine.stop_profile())
+            log.info("pipeline.profile_step=%d: a torch.profiler trace per rank and all of them on one clock "
+                     "(merged.json) in %s; open them in https://ui.perfetto.dev", step, directory)
