@@ -23,7 +23,7 @@ from torch import nn
 
 from rpc_train.training.builders import build_model
 from rpc_train.config.schema import as_dict
-from rpc_train.runtime.devices import stage_device
+from rpc_train.runtime.devices import own_device
 from rpc_train.pipeline.partition import plan_stages, run_as_stage, stage_bounds
 
 
@@ -62,7 +62,7 @@ def plan_splits(cfg: DictConfig, k: int, micro_batches: Sequence[int]) -> Dict[i
     and to the bound: timing-based plans differ from run to run where costs nearly tie
     (ResNet-50), and the peer's ranks must agree on one split."""
     layers = list(build_model(as_dict(cfg.model), cfg.seed))
-    device = stage_device(cfg.device, 0)
+    device = own_device(cfg.device)
     return {m: plan_stages(layers, k, cfg.pipeline.balance,
                            torch.randn(max(1, cfg.trainer.batch_size // m), *cfg.data.shape, device=device))
             for m in micro_batches}

@@ -30,7 +30,7 @@ from rpc_train.pipeline.partition import plan_stages, stage_bounds
 from rpc_train.pipeline.profile import RankProfiler
 from rpc_train.pipeline.stage import StageWorker, end_step_on_stage, evaluate_on_stage, train_on_stage
 from rpc_train.pipeline.timeline import bubble_fraction
-from rpc_train.runtime.devices import driver_device, mps_running, shared_gpu_note, stage_device
+from rpc_train.runtime.devices import mps_running, own_device, shared_gpu_note
 from rpc_train.runtime.remote import call_all, gather_state
 from rpc_train.runtime.world import DRIVER, worker_name
 from rpc_train.training.builders import build_model
@@ -49,20 +49,20 @@ class PipelineEngine:
         machine) while the driver goes on to load the data.
         """
         self.micro_batches = cfg.pipeline.micro_batches
-        self.device = torch.device(driver_device(cfg.device))
+        self.device = torch.device(own_device(cfg.device))
         k = num_stages(cfg.pipeline, world_size)
         model_cfg = as_dict(cfg.model)
         layers = list(build_model(model_cfg, cfg.seed))
         # Timing layers needs only the shape of a micro-batch, not real data, on the stages'
-        # kind of device (check_device has made sure the driver sees it too).
+        # kind of device (check_device has made sure the driver has one too).
         micro = max(1, cfg.trainer.batch_size // self.micro_batches)
-        sample = torch.randn(micro, *cfg.data.shape, device=stage_device(cfg.device, 0))
+        sample = torch.randn(micro, *cfg.data.shape, device=self.device)
         self.counts = plan_stages(layers, k, cfg.pipeline.balance, sample)
         self.workers = [worker_name(rank) for rank in range(1, k + 1)]
         self.stages = [
             rpc.remote(self.workers[i], StageWorker,
                        args=(i, model_cfg, bounds, as_dict(cfg.optim), as_dict(cfg.scheduler) or None,
-                             stage_device(cfg.device, i), cfg.seed, k - i if cfg.pipeline.schedule == "1f1b" else None,
+                             cfg.device, cfg.seed, k - i if cfg.pipeline.schedule == "1f1b" else None,
                              cfg.trainer.loss, self.micro_batches))
             for i, bounds in enumerate(stage_bounds(self.counts))
         ]

@@ -29,7 +29,7 @@ from rpc_train.pipeline.feed import Feeder
 from rpc_train.pipeline.memory import ActivationMeter
 from rpc_train.pipeline.messages import context_messages
 from rpc_train.pipeline.profile import RankProfiler
-from rpc_train.runtime.devices import on_device_stream
+from rpc_train.runtime.devices import on_device_stream, own_device
 from rpc_train.training.builders import build_model, build_optimizer
 from rpc_train.training.loss import correct_of, loss_of
 
@@ -90,13 +90,14 @@ class StageWorker:
                  scheduler_cfg: Optional[dict], device: str, seed: int, max_in_flight: Optional[int] = None,
                  loss: str = "cross_entropy", micro_batches: int = 1):
         """`max_in_flight`: 1F1B's bound, training micro-batches past this stage's forward whose
-        backward here has not ended (None: no bound, GPipe). `loss`: the last stage's loss
-        function (training/loss.py); `micro_batches`: how stage 0 splits each batch."""
+        backward here has not ended (None: no bound, GPipe). `device`: cpu or cuda, which GPU
+        this worker picks itself (`own_device`); `loss`: the last stage's loss function
+        (training/loss.py); `micro_batches`: how stage 0 splits each batch."""
         self.stage_id = stage_id
         self.loss = loss
         self.max_in_flight = max_in_flight
         self._in_flight = 0
-        self.device = torch.device(device)
+        self.device = torch.device(own_device(device))
         full = build_model(model_cfg, seed)
         with on_device_stream(self.device):  # the copies are ordered before the first forward
             self.module = nn.Sequential(*[full[i] for i in layers]).to(self.device)

@@ -1,13 +1,14 @@
-"""Where each stage runs, and the TensorPipe device maps that let activations go GPU to GPU."""
+"""Where each rank runs, and the TensorPipe device maps that let activations go GPU to GPU."""
 
 import os
 import threading
 from contextlib import nullcontext
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 
 from rpc_train.config.errors import ConfigError
+from rpc_train.runtime.world import worker_name
 
 _thread = threading.local()
 
@@ -19,12 +20,24 @@ def check_device(device: str) -> None:
                           "(torch.cuda.is_available() is False); use device=cpu")
 
 
-def stage_device(device: str, stage: int) -> str:
-    """Stage k runs on cuda:(k mod #gpus), so K stages share the GPUs round-robin."""
+def local_device(device: str, local_rank: int, gpus: int) -> str:
+    """A rank's device: the CPU, or GPU (local rank mod the GPUs of its own machine).
+
+    Each machine's ranks share that machine's GPUs round-robin, whatever the other machines
+    have: the driver (local rank 0) takes cuda:0, and nodes with different GPU counts work.
+    """
     if device == "cpu":
         return "cpu"
-    check_device(device)  # a GPU count of 0 must be the one-line error, not a ZeroDivisionError
-    return f"cuda:{stage % torch.cuda.device_count()}"
+    if gpus < 1:  # the one-line error, not a ZeroDivisionError
+        raise ConfigError(f"device={device}: this machine has no GPU (local rank {local_rank}); use device=cpu")
+    return f"cuda:{local_rank % gpus}"
+
+
+def own_device(device: str) -> str:
+    """This process's device, from its own LOCAL_RANK and its own machine's GPU count."""
+    check_device(device)
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    return local_device(device, int(os.environ.get("LOCAL_RANK", 0)), gpus)
 
 
 def mps_running() -> bool:
@@ -49,27 +62,17 @@ def shared_gpu_note(device: str, num_stages: int, gpus: int, mps: bool) -> Optio
             "with `nvidia-cuda-mps-control -d` (README, 'CPU and GPU')")
 
 
-def driver_device(device: str) -> str:
-    """With CUDA the driver keeps each batch, the logits and the loss on its first GPU.
+def chain_device_maps(devices: Sequence[str], rank: int, last_rank: int) -> Dict[str, Dict[str, str]]:
+    """This rank's map to the next rank on the chain, from every rank's reported device:
+    tensors sent there land on its GPU.
 
-    A batch then reaches stage 0 GPU to GPU (CUDA IPC on one machine), which is far faster
-    than TensorPipe's CPU path for image batches (tens of MB a step).
+    The driver (rank 0) sends batches to stage 0 (rank 1), stage k activations go to stage
+    k+1 (rank k+2), up to the last stage at `last_rank`. Replies and the backward's gradient
+    messages use the reverse maps. A CPU on either end needs no map.
     """
-    return "cpu" if device == "cpu" else "cuda:0"
-
-
-def pipeline_device_maps(device: str, stage, num_stages: int, next_worker: str) -> Dict[str, Dict[str, str]]:
-    """This rank's map to the next rank on the chain: tensors sent there land on its GPU.
-
-    The driver (`stage` None) sends micro-batches to stage 0, stage k activations to stage
-    k+1. Replies (the last stage's output, back along the chain) and gradients in the backward
-    pass use the reverse maps, so the logits reach the driver's GPU too.
-    """
-    if device == "cpu" or (stage is not None and stage + 1 >= num_stages):
+    if rank >= last_rank or "cpu" in (devices[rank], devices[rank + 1]):
         return {}
-    here = driver_device(device) if stage is None else stage_device(device, stage)
-    there = stage_device(device, 0 if stage is None else stage + 1)
-    return {next_worker: {here: there}}
+    return {worker_name(rank + 1): {devices[rank]: devices[rank + 1]}}
 
 
 def bind_cuda_context(device: torch.device) -> None:

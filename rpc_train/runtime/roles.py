@@ -1,17 +1,18 @@
 """What each rank is in a job: which worker hosts which stage, and its device maps.
 
-Pipeline mode: rank k+1 hosts stage k. Parameter-server mode: ranks 1..ps.servers host the
+Pipeline mode: rank k+1 hosts stage k, on its own device (runtime/devices.py `own_device`). Parameter-server mode: ranks 1..ps.servers host the
 parameter shards and every later rank is a trainer; hybrid mode splits the same way by
 hybrid.servers. Rank 0 always drives.
 """
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Dict, List
 
 from omegaconf import DictConfig
 
 from rpc_train.config.schema import num_stages
-from rpc_train.runtime.devices import pipeline_device_maps
+from rpc_train.runtime.devices import chain_device_maps, local_device, own_device
 from rpc_train.runtime.world import World, worker_name
 
 
@@ -22,12 +23,41 @@ def stage_of(world: World, cfg: DictConfig):
 
 
 def stage_device_maps(cfg: DictConfig, world: World) -> Dict[str, Dict[str, str]]:
+    """Pipeline mode: this rank's device map to the next rank on the chain (every rank calls
+    it: across machines the ranks exchange their devices)."""
     if cfg.mode.name != "pipeline":
         return {}  # parameter servers and trainers exchange CPU tensors only
-    stage = stage_of(world, cfg)
-    if stage is None and not world.is_driver:
-        return {}  # a rank past the last stage hosts nothing
-    return pipeline_device_maps(cfg.device, stage, num_stages(cfg.pipeline, world.size), worker_name(world.rank + 1))
+    devices = reported_devices(world, cfg.device, cfg.runtime.rpc_timeout_s)
+    return chain_device_maps(devices, world.rank, num_stages(cfg.pipeline, world.size))
+
+
+def reported_devices(world: World, device: str, timeout_s: float) -> List[str]:
+    """Every rank's device, by rank, as each works it out for itself (`own_device`).
+
+    The device maps are fixed when the RPC world starts, so this comes first. On one machine
+    every rank sees the same GPUs and its local rank is its rank: the list needs no
+    messages. Across machines, whose GPU counts may differ, the ranks gather what each
+    reports through a gloo group over torchrun's rendezvous, closed again before the RPC
+    world starts.
+    """
+    if world.local_size == world.size:
+        gpus = _gpu_count() if device == "cuda" else 0
+        return [local_device(device, rank, gpus) for rank in range(world.size)]
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=world.rank, world_size=world.size, timeout=timedelta(seconds=timeout_s))
+    try:
+        devices: List[str] = [""] * world.size
+        dist.all_gather_object(devices, own_device(device))
+        return devices
+    finally:
+        dist.destroy_process_group()
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 @dataclass(frozen=True)
