@@ -79,6 +79,9 @@ def test_typos_and_wrong_types_fail_at_compose_time(override):
     (["device=tpu"], 3, "device=tpu"),
     (["runtime.rpc_timeout_s=0"], 3, "runtime.rpc_timeout_s=0"),
     (["pipeline.micro_batches=16"], 3, "runtime.num_worker_threads > 16"),
+    (["trainer.loss=mse"], 3, "trainer.loss=mse: expected one of cross_entropy"),
+    (["pipeline.profile_step=0"], 3, "pipeline.profile_step=0"),
+    (["pipeline.profile_step=40", "trainer.max_steps=30"], 3, "trainer.max_steps=30; profile a step from 1 to 30"),
 ])
 def test_validate_names_the_bad_value(overrides, world_size, needle):
     with pytest.raises(ConfigError) as err:
