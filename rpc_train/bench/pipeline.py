@@ -37,7 +37,7 @@ from rpc_train.config.validate import validate
 # The ratio columns ("vs 1 thread", ...) come from the baseline rows (see `baseline_rows`).
 COLUMNS = ["setup", "micro_batches", "threads_processes", "median_step_ms", "samples_per_s"]
 HEADERS = ["setup", "micro-batches", "threads/processes", "median step ms", "samples/s"]
-TAIL = [("pipeline_efficiency", "efficiency"), ("gpipe_bound", "GPipe bound")]
+TAIL = [("vs_peer", "vs peer"), ("pipeline_efficiency", "efficiency"), ("gpipe_bound", "GPipe bound")]
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -133,7 +133,7 @@ def pipeline_rows(world: World, cfg: DictConfig, runs: List[tuple], warmup: int,
         seconds, results = time_steps(engine, batches, warmup, steps)
         stage_ms = {key: statistics.median(r.stats[key] for r in results)
                     for key in results[0].stats if key.startswith(("stage", "pipeline/"))}
-        rows.append({"setup": f"rpc_train {schedule} K={k}", "micro_batches": m,
+        rows.append({"setup": f"rpc_train {schedule} K={k}", "schedule": schedule, "micro_batches": m,
                      "threads_processes": f"{world.size} proc: driver + {where}",
                      "median_step_ms": 1e3 * statistics.median(seconds), "stage_ms": stage_ms,
                      "counts": list(engine.counts)})
@@ -149,7 +149,7 @@ def peer_rows(cfg: DictConfig, runs: List[tuple], batches: list, k: int, warmup:
     """
     runs = [run for run in runs if run[1] >= k]
     medians = peer_medians(cfg, k, runs, batches, steps, warmup, timeout) if runs else {}
-    return [{"setup": f"torch pipelining {schedule} K={k}", "micro_batches": m,
+    return [{"setup": f"torch pipelining {schedule} K={k}", "peer_of": schedule, "micro_batches": m,
              "threads_processes": f"{k} proc x1 thread", "median_step_ms": 1e3 * medians[(schedule, m)]}
             for schedule, m, _ in runs]
 
@@ -172,6 +172,11 @@ def add_ratios(rows: List[Dict], batch: int, k: int, devices: int) -> List[tuple
         # Efficiency: the speedup each stage's device delivers; GPipe's bubble caps it at m/(m+K-1).
         row["pipeline_efficiency"] = one / ms / min(k, devices) if piped else "-"
         row["gpipe_bound"] = m / (m + k - 1) if piped else "-"
+    # rpc_train against torch.distributed.pipelining, same schedule and micro-batches.
+    peers = {(row["peer_of"], row["micro_batches"]): row["median_step_ms"] for row in rows if "peer_of" in row}
+    for row in rows:
+        peer = peers.get((row.get("schedule"), row["micro_batches"]))
+        row["vs_peer"] = peer / row["median_step_ms"] if peer else "-"
     return ratios + TAIL
 
 
@@ -196,11 +201,15 @@ def stage_notes(rows: List[Dict]) -> str:
             ms = row["stage_ms"]
             stages = sorted({key.split("/")[0] for key in ms if key.startswith("stage")})
             parts = ", ".join(f"{s} fwd {ms[s + '/forward_ms']:.1f} bwd {ms[s + '/backward_ms']:.1f}"
-                              f" faults {ms[s + '/page_faults']:.0f}" for s in stages)
+                              f" faults {ms[s + '/page_faults']:.0f} peak {ms[s + '/peak_memory_mb']:.1f} MB"
+                              for s in stages)
             notes.append(f"  {row['setup']} m={row['micro_batches']} (layers {row['counts']}): {parts}; "
-                         f"step {ms['pipeline/step_ms']:.1f}, bubble {ms['pipeline/bubble_fraction']:.2f}")
-    return ("per step (medians): stage compute ms, page faults, the stages' optimizer step ms "
-            "(gradient sums included), bubble fraction:\n" + "\n".join(notes)) if notes else ""
+                         f"step {ms['pipeline/step_ms']:.1f}, bubble {ms['pipeline/bubble_fraction']:.2f}, "
+                         f"messages {ms['pipeline/messages_per_micro_batch']:.0f}/micro-batch "
+                         f"{ms['pipeline/messages_per_step']:.0f}/step")
+    return ("per step (medians): stage compute ms, page faults, peak memory (CPU: activations held for "
+            "the backward; GPU: allocated), the stages' optimizer step ms (gradient sums included), "
+            "bubble fraction, RPC messages:\n" + "\n".join(notes)) if notes else ""
 
 
 def write_csv(path: str, rows: List[Dict], columns: List[str]) -> None:

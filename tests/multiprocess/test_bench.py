@@ -37,6 +37,12 @@ def test_bench_runs_and_writes_every_row(tmp_path):
     piped = [r for r in rows if r["micro_batches"] != "-"]
     assert all(0 < float(r["split_bound"]) for r in piped)
     assert all(r["split_bound"] == "-" for r in rows if r["micro_batches"] == "-")
+    # rpc_train's rows at 2 micro-batches are set against the peer's, same schedule; m=1 has none.
+    assert [r["vs_peer"] != "-" for r in rows if r["setup"].startswith("rpc_train")] == [False, True, False, True]
+    assert all(float(r["vs_peer"]) > 0 for r in rows if r["setup"].startswith("rpc_train") and r["micro_batches"] == "2")
     assert "samples/s" in done.stdout
-    # Each rpc_train row's notes: stage compute, the optimizer-step RPC and the bubble.
-    assert len(re.findall(r"^  rpc_train .*; step [\d.]+, bubble [\d.]+$", done.stdout, re.M)) == 4
+    # Each rpc_train row's notes: stage compute and peak memory, the optimizer-step RPC, the
+    # bubble and the messages (6 a micro-batch with K=2: pipeline/messages.py).
+    notes = re.findall(r"^  rpc_train .* peak [\d.]+ MB; step [\d.]+, bubble [\d.]+, messages (\d+)/micro-batch \d+/step$",
+                       done.stdout, re.M)
+    assert notes == ["6"] * 4, done.stdout
