@@ -22,8 +22,12 @@ def fit_pipeline(cfg: DictConfig, world_size: int, logger: RunLogger) -> FitResu
     checkpoints = Checkpointer(cfg, logger.log_dir, engine, logger)
     start = checkpoints.resume()
     timeline = TimelineLogger(logger, logger.log_dir, cfg.pipeline.timeline_every, cfg.pipeline.trace_step)
-    profiler = ProfileHook(engine, logger.log_dir, cfg.pipeline.profile_step, (start.step if start else 0) + 1)
-    final = Trainer(engine, train_loader, val_loader, cfg.trainer, logger, hooks=[timeline, profiler, checkpoints],
-                    start=start).fit()
+    trainer = Trainer(engine, train_loader, val_loader, cfg.trainer, logger, hooks=[timeline, checkpoints],
+                      start=start)
+    # Last, so the trace starts after everything step N-1 did (a checkpoint saved at step N
+    # itself is in it).
+    trainer.hooks.append(ProfileHook(engine, logger.log_dir, cfg.pipeline.profile_step, trainer.step + 1,
+                                     trainer.total_steps()))
+    final = trainer.fit()
     checkpoints.save()  # the final one, unless the last step just saved it
     return final, engine.state_dict

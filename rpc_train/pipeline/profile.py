@@ -21,6 +21,8 @@ from typing import Dict, Optional
 
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from rpc_train.config.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 CLOCK_MARK = "rpc_train/wall_clock"
@@ -110,11 +112,16 @@ def write_traces(run_dir: str, step: int, traces: Dict[str, dict]) -> str:
 
 class ProfileHook:
     """A Trainer hook: profile step `step` on every rank of `engine` (after step-1 ends, it
-    starts; after step ends, it stops and writes). `first_step`: the step the run starts with."""
+    starts; after step ends, it stops and writes). The run goes from `first_step` to `last_step`."""
 
-    def __init__(self, engine, run_dir: str, step: Optional[int], first_step: int):
+    def __init__(self, engine, run_dir: str, step: Optional[int], first_step: int, last_step: int):
         self.engine, self.run_dir, self.step = engine, run_dir, step
-        if step is not None and step < first_step:
+        if step is None:
+            return
+        if step > last_step:
+            raise ConfigError(f"pipeline.profile_step={step}: this run ends at step {last_step}; "
+                              f"profile a step from {first_step} to {last_step}")
+        if step < first_step:
             log.warning("pipeline.profile_step=%d: this run resumes at step %d, past it; nothing is profiled",
                         step, first_step)
         elif step == first_step:
