@@ -3,10 +3,13 @@
 A profile of the per-micro-batch path of `PipelineEngine` (driver + K stages on this machine,
 a model small enough that messaging dominates): each row adds one piece to the previous one,
 so the differences say what each piece costs. It times the engine's own micro-batch path
-(`train_on_stage` on stage 0) and counts each step's RPC messages (pipeline/messages.py).
+(`train_on_stage` on stage 0), counts each step's RPC messages (pipeline/messages.py), and
+measures the CPU time each process spends per step: on a machine with fewer cores than
+processes, the CPU a micro-batch costs, more than its messages' latency, sets the step.
 """
 
 import argparse
+import resource
 import statistics
 from typing import Callable, Dict, List
 
@@ -53,6 +56,23 @@ def _rows(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, repeats: int
     return rows
 
 
+def cpu_ms() -> float:
+    """This process's CPU time so far (user + system), in ms."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return 1e3 * (usage.ru_utime + usage.ru_stime)
+
+
+def cpu_per_call(engine: PipelineEngine, fn: Callable[[], object], calls: int) -> List[float]:
+    """The CPU ms per call of the driver and of each stage's process while `fn` runs `calls` times."""
+    def read():
+        return [cpu_ms()] + [rpc.rpc_sync(worker, cpu_ms) for worker in engine.workers]
+
+    before = read()
+    for _ in range(calls):
+        fn()
+    return [(b - a) / calls for a, b in zip(before, read())]
+
+
 def measure(world, cfg, repeats: int) -> Dict[int, List[tuple]]:
     """On the driver: the anatomy at one micro-batch, then train_step at more, same batch."""
     engine = PipelineEngine(cfg, world.size)
@@ -68,9 +88,10 @@ def measure(world, cfg, repeats: int) -> Dict[int, List[tuple]]:
         engine = PipelineEngine(cfg, world.size)
         engine.wait_ready()
         stats = engine.train_step(x, y).stats
-        rows.append((f"train_step, {m} micro-batch{'es' if m > 1 else ''}",
-                     median_ms(lambda: engine.train_step(x, y), repeats // 2),
-                     stats["pipeline/messages_per_micro_batch"], stats["pipeline/messages_per_step"]))
+        ms = median_ms(lambda: engine.train_step(x, y), repeats // 2)
+        rows.append((f"train_step, {m} micro-batch{'es' if m > 1 else ''}", ms,
+                     stats["pipeline/messages_per_micro_batch"], stats["pipeline/messages_per_step"],
+                     *cpu_per_call(engine, lambda: engine.train_step(x, y), repeats // 2)))
         engine.close()
     return rows
 
@@ -91,15 +112,17 @@ def main(argv=None) -> None:
     rows = run_in_local_world(cfg, 3, measure, (args.repeats,), timeout_s=600)
     print(f"torch {torch.__version__}, driver + 2 stages on this machine, model={args.model}, "
           f"batch {args.batch_size}, medians")
-    print(f"{'':<{NAME}} {'median':>11} {'messages per':>26}")
-    print(f"{'':<{NAME}} {'':>11} {'micro-batch':>13} {'step':>12}")
-    for name, ms, *messages in rows:
-        counts = "".join(f"{n:13.1f}" for n in messages)
-        print(f"{name:<{NAME}} {ms:8.2f} ms{counts}")
-    steps = [(int(name.split()[1]), ms) for name, ms, *_ in rows if name.startswith("train_step, ")]
+    print(f"{'':<{NAME}} {'median':>11} {'messages per':>26} {'CPU ms per step':>30}")
+    print(f"{'':<{NAME}} {'':>11} {'micro-batch':>13} {'step':>12} {'driver':>10} {'stage 0':>9} {'stage 1':>9}")
+    for name, ms, *figures in rows:
+        columns = "".join(f"{n:13.1f}" for n in figures[:2]) + "".join(f"{n:10.2f}" for n in figures[2:])
+        print(f"{name:<{NAME}} {ms:8.2f} ms{columns}")
+    steps = [(int(name.split()[1]), ms, sum(figures[2:])) for name, ms, *figures in rows
+             if name.startswith("train_step, ")]
     if len(steps) > 1:
-        (m0, t0), (m1, t1) = steps[0], steps[-1]
-        print(f"each added micro-batch: {(t1 - t0) / (m1 - m0):.2f} ms (train_step at {m0} and {m1})")
+        (m0, t0, c0), (m1, t1, c1) = steps[0], steps[-1]
+        print(f"each added micro-batch: {(t1 - t0) / (m1 - m0):.2f} ms of the step, {(c1 - c0) / (m1 - m0):.2f} ms "
+              f"of CPU in all processes (train_step at {m0} and {m1})")
 
 
 if __name__ == "__main__":
