@@ -11,6 +11,7 @@ backward and context cleanup cost four more messages (docs/benchmarks.md, "anato
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import List
 import torch
 import torch.distributed.autograd as dist_autograd
 
@@ -52,7 +53,7 @@ class Feeder:
             report = torch.futures.Future()
             self._pool.submit(self._micro_batch, self.take_seq(), cx, cy, len(y), release, report)
             reports.append(report)
-        return torch.futures.collect_all(reports).then(lambda done: [r.wait() for r in done.wait()])
+        return all_or_first_error(reports)
 
     def _micro_batch(self, seq, x, y, batch, release, report: torch.futures.Future) -> None:
         try:
@@ -72,9 +73,38 @@ class Feeder:
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> torch.futures.Future:
         """A Future of the batch's (summed loss, correct count); micro-batches pipeline as in training."""
         results = [self.stage.forward_async(self.take_seq(), cx, cy, None, None) for cx, cy in self._chunks(x, y)]
-        return torch.futures.collect_all(results).then(
-            lambda done: tuple(map(sum, zip(*(r.wait() for r in done.wait())))))
+        return all_or_first_error(results).then(lambda done: tuple(map(sum, zip(*done.wait()))))
 
     def close(self) -> None:
         self._release.set()
         self._pool.shutdown(wait=True)
+
+
+def all_or_first_error(futures: List[torch.futures.Future]) -> torch.futures.Future:
+    """A Future of every result, in order, or of the first error as soon as it happens.
+
+    `collect_all` would wait for every future, and after one micro-batch fails the others may
+    never finish: a stage that never sees that micro-batch's forward, or whose 1F1B place it
+    never gives back, holds the later ones at their turn. The step then fails at once with
+    its real error, not after runtime.rpc_timeout_s with a timeout.
+    """
+    combined, lock, left = torch.futures.Future(), threading.Lock(), [len(futures)]
+
+    def done(future: torch.futures.Future) -> None:
+        try:
+            future.wait()
+        except BaseException as err:  # noqa: BLE001 - handed on as the combined error
+            with lock:
+                if not combined.done():
+                    combined.set_exception(err)
+            return
+        with lock:
+            left[0] -= 1
+            if left[0] == 0 and not combined.done():
+                combined.set_result([f.value() for f in futures])
+
+    if not futures:
+        combined.set_result([])
+    for future in futures:
+        future.add_done_callback(done)
+    return combined

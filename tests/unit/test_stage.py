@@ -43,3 +43,23 @@ def test_a_step_result_without_any_optimizer_has_no_lr():
     result = step_result(1.5, 3, [stage_stats(None), stage_stats(None)], started=0.0, step_ms=1.0)
     assert "lr" not in result.stats and result.stats["stage1/backward_ms"] == 2.0
     assert step_result(1.5, 3, [stage_stats(None), stage_stats(0.1)], 0.0, 1.0).stats["lr"] == 0.1
+
+
+def test_a_step_fails_with_its_first_error_without_waiting_for_the_rest():
+    # A micro-batch that fails may leave the others waiting for ever (a stage holds them at
+    # their turn): the combined result must not wait for them.
+    from rpc_train.pipeline.feed import all_or_first_error
+
+    first, second, third = (torch.futures.Future() for _ in range(3))
+    combined = all_or_first_error([first, second, third])
+    first.set_result(1)
+    second.set_exception(ValueError("micro-batch 1: target 12 is out of bounds"))
+    assert combined.done()  # third is still pending
+    with pytest.raises(ValueError, match="target 12"):
+        combined.wait()
+    ok = [torch.futures.Future() for _ in range(2)]
+    together = all_or_first_error(ok)
+    ok[1].set_result("b")
+    assert not together.done()
+    ok[0].set_result("a")
+    assert together.wait() == ["a", "b"] and all_or_first_error([]).wait() == []
