@@ -69,11 +69,16 @@ class RankProfiler:
 
 def on_wall_clock(trace: dict, wall_us: float) -> dict:
     """Shift every event so that the clock marker sits at `wall_us` (taken inside it)."""
-    mark = next(e for e in trace["traceEvents"] if e.get("name") == CLOCK_MARK)
+    mark = next((e for e in trace["traceEvents"] if e.get("name") == CLOCK_MARK), None)
+    if mark is None:  # said, and the trace kept on its own clock: never a lost profile
+        log.warning("the profiler's trace has no %s marker: this rank's times are on its own clock", CLOCK_MARK)
+        return trace
     offset = wall_us - (float(mark["ts"]) + float(mark.get("dur", 0)) / 2)
     for event in trace["traceEvents"]:
         if "ts" in event:
             event["ts"] = float(event["ts"]) + offset
+    # Its times are absolute now: a viewer that added Kineto's base time would count it twice.
+    trace.pop("baseTimeNanoseconds", None)
     return trace
 
 
@@ -112,7 +117,8 @@ def write_traces(run_dir: str, step: int, traces: Dict[str, dict]) -> str:
 
 class ProfileHook:
     """A Trainer hook: profile step `step` on every rank of `engine` (after step-1 ends, it
-    starts; after step ends, it stops and writes). The run goes from `first_step` to `last_step`."""
+    starts; after step ends, it stops and writes). The run goes from `first_step` to `last_step`.
+    A validation that ends step-1's epoch runs after the hooks, so it is in the trace too."""
 
     def __init__(self, engine, run_dir: str, step: Optional[int], first_step: int, last_step: int):
         self.engine, self.run_dir, self.step = engine, run_dir, step

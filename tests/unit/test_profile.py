@@ -61,6 +61,19 @@ def test_the_first_step_starts_at_once_and_a_step_out_of_the_run_is_refused_or_t
     ranks.profiler.close()
 
 
+def test_a_trace_lands_on_the_wall_clock_by_its_marker():
+    from rpc_train.pipeline.profile import CLOCK_MARK, on_wall_clock
+
+    trace = {"baseTimeNanoseconds": 5, "traceEvents": [
+        {"ph": "X", "name": CLOCK_MARK, "ts": 100.0, "dur": 2.0}, {"ph": "X", "name": "op", "ts": 150.0, "dur": 1.0},
+        {"ph": "M", "name": "process_name", "args": {"name": "python3"}}]}
+    shifted = on_wall_clock(trace, wall_us=1e6)
+    assert [e.get("ts") for e in shifted["traceEvents"]] == [1e6 - 1, 1e6 + 49, None]
+    assert "baseTimeNanoseconds" not in shifted
+    unmarked = {"traceEvents": [{"ph": "X", "name": "op", "ts": 150.0, "dur": 1.0}]}
+    assert on_wall_clock(unmarked, wall_us=1e6)["traceEvents"][0]["ts"] == 150.0  # kept, with a warning
+
+
 def test_merged_ranks_keep_their_processes_and_flow_ids_apart():
     def trace(pid, ts):
         return {"traceEvents": [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": "python3"}},
