@@ -46,7 +46,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--data", default="synthetic", help="a conf/data option")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cuda: the baseline is one GPU and every stage runs on cuda:(k mod #gpus)")
+                   help="cuda: the baseline is one GPU and each rank runs on cuda:(rank mod #gpus)")
     p.add_argument("--micro-batches", default="1,2,4,8", help="comma-separated counts")
     p.add_argument("--stages", type=int, default=2, help="pipeline stages K (K+1 processes)")
     p.add_argument("--schedules", default="1f1b,gpipe", help="comma-separated pipeline.schedule values")

@@ -255,7 +255,7 @@ class Config:
     hybrid: HybridConf = field(default_factory=HybridConf)
     trainer: TrainerConf = field(default_factory=TrainerConf)
     seed: int = 0
-    # "cpu" or "cuda"; with cuda, stage k runs on cuda:(k mod #gpus).
+    # "cpu" or "cuda"; with cuda, each rank runs on cuda:(LOCAL_RANK mod its machine's GPUs).
     device: str = "cpu"
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
 

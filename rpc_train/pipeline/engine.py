@@ -18,6 +18,7 @@ a backward ends there, with no round trip to anyone.
 
 import logging
 import math
+import os
 import time
 from typing import Any, Dict, List, Optional
 
@@ -75,7 +76,9 @@ class PipelineEngine:
         self._profiler = RankProfiler()
         log.info("pipeline: %d stages on %s, layers per stage %s, %d micro-batches, %s schedule",
                  k, ", ".join(self.workers), self.counts, self.micro_batches, cfg.pipeline.schedule)
-        note = shared_gpu_note(cfg.device, k, torch.cuda.device_count(), mps_running())
+        # The driver and the stages on this machine each take a GPU by local rank.
+        here = min(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), k + 1)
+        note = shared_gpu_note(cfg.device, here, torch.cuda.device_count(), mps_running())
         if note:
             log.warning(note)
 

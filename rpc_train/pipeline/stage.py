@@ -130,7 +130,7 @@ class StageWorker:
         self.next_stage = (next_worker, next_stage_id) if next_worker else None
 
     def _wait_turn(self, seq: int, training: bool) -> None:
-        # Micro-batches run in the order the driver issued them, whatever order the RPC
+        # Micro-batches run in the order stage 0 numbered them, whatever order the RPC
         # threads pick them up in: batch-norm statistics then match single-process training.
         # The wait blocks this RPC thread (hence micro_batches < num_worker_threads): queueing
         # the micro-batch for another thread would lose its distributed-autograd context,

@@ -47,17 +47,18 @@ def mps_running() -> bool:
     return os.path.exists(os.path.join(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"), "control"))
 
 
-def shared_gpu_note(device: str, num_stages: int, gpus: int, mps: bool) -> Optional[str]:
-    """What to tell a user whose stage processes share a GPU without MPS, else None.
+def shared_gpu_note(device: str, processes: int, gpus: int, mps: bool) -> Optional[str]:
+    """What to tell a user whose GPU processes on this machine (the driver and its stages)
+    share a GPU without MPS, else None.
 
     Without MPS each process has its own context and the GPU time-slices between them: every
     cross-process hand-off (activations through CUDA IPC, events waited on by another
     process) then waits for a time slice, which multiplies the step (docs/benchmarks.md,
     "On a GPU", has the figures with and without MPS).
     """
-    if device != "cuda" or mps or num_stages <= gpus:
+    if device != "cuda" or mps or processes <= gpus:
         return None
-    return (f"{num_stages} stages share {gpus} GPU(s) in separate processes without NVIDIA MPS, so the GPU "
+    return (f"{processes} processes (the driver and stages) share {gpus} GPU(s) without NVIDIA MPS, so the GPU "
             "time-slices between them (several times slower steps: docs/benchmarks.md); start MPS first "
             "with `nvidia-cuda-mps-control -d` (README, 'CPU and GPU')")
 

@@ -19,12 +19,12 @@ def test_mps_is_seen_by_its_control_pipe(tmp_path, monkeypatch):
 
 
 def test_stages_sharing_a_gpu_without_mps_are_told_to_start_it():
-    note = shared_gpu_note("cuda", num_stages=2, gpus=1, mps=False)
-    assert note.startswith("2 stages share 1 GPU(s)") and "nvidia-cuda-mps-control -d" in note
+    note = shared_gpu_note("cuda", processes=3, gpus=2, mps=False)
+    assert note.startswith("3 processes (the driver and stages) share 2 GPU(s)") and "nvidia-cuda-mps-control -d" in note
     # Nothing to say: MPS is up, every stage has a GPU of its own, or there is no GPU at all.
-    assert shared_gpu_note("cuda", num_stages=2, gpus=1, mps=True) is None
-    assert shared_gpu_note("cuda", num_stages=2, gpus=2, mps=False) is None
-    assert shared_gpu_note("cpu", num_stages=2, gpus=0, mps=False) is None
+    assert shared_gpu_note("cuda", processes=3, gpus=1, mps=True) is None
+    assert shared_gpu_note("cuda", processes=3, gpus=3, mps=False) is None
+    assert shared_gpu_note("cpu", processes=3, gpus=0, mps=False) is None
 
 
 def test_each_rank_takes_a_gpu_of_its_own_machine_by_local_rank():
