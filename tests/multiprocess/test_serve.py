@@ -148,6 +148,7 @@ def test_methods_we_do_not_serve_answer_unimplemented(server):
     assert code == grpc.StatusCode.UNIMPLEMENTED
 
 
+@pytest.mark.slow
 def test_a_full_queue_refuses_at_once_and_an_expired_request_is_never_computed(trained, tmp_path):
     # Batches wait up to 3 s to fill: requests stay queued long enough to see the limits.
     args = ["serve.max_queue_delay_ms=3000", "serve.max_queue_size=40", "serve.max_batch_size=32"]
@@ -251,6 +252,7 @@ def test_a_stopped_replica_leaves_the_rotation_and_every_request_is_answered(tra
     assert "replica 1 (worker2) is out of rotation" in log and "replica 1 (worker2) answers again" in log
 
 
+@pytest.mark.slow
 def test_a_batch_norm_model_answers_each_row_as_it_does_alone(tmp_path):
     # The convnet's batch norm runs in eval mode: its running statistics, never the batch's own,
     # so rows that share a batch cannot change each other's answers.

@@ -57,6 +57,7 @@ def test_tls_with_a_token_refuses_plaintext_and_wrong_tokens_and_keeps_health_op
     assert all(TOKEN not in text for text in logs + [job.output])
 
 
+@pytest.mark.slow
 def test_mutual_tls_refuses_a_client_without_a_certificate(trained, certs, tmp_path):
     ca, client_cert = certs["ca"]["cert"], certs["client"]
     args = [f"serve.tls.cert={certs['server']['cert']}", f"serve.tls.key={certs['server']['key']}",
