@@ -12,6 +12,7 @@ backward and context cleanup cost four more messages (docs/benchmarks.md, "anato
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import List
+
 import torch
 import torch.distributed.autograd as dist_autograd
 

@@ -115,7 +115,6 @@ class StageWorker:
         self._forward_spans: List[tuple] = []
         self._backward_spans: List[list] = []
         self._faults = _page_faults()
-        self._served = 0  # training forward requests served since the last step
         self.feeder = Feeder(self, micro_batches) if stage_id == 0 else None
         self._profiler: Optional[RankProfiler] = None  # made on the first start_profile
         _LOCAL_STAGES[stage_id] = self
@@ -251,9 +250,10 @@ class StageWorker:
         """
         for p in self.params:
             p.grad = None
-        # Each served request and its reply, and what the contexts record (pipeline/messages.py).
-        messages = 2 * self._served + sum(context_messages(c) for c in context_ids)
-        self._served = 0
+        # Each micro-batch's forward request to this stage and its reply (stage 0 gets whole
+        # batches from the driver instead), and what the contexts record (pipeline/messages.py).
+        requests = len(context_ids) if self.stage_id > 0 else 0
+        messages = 2 * requests + sum(context_messages(c) for c in context_ids)
         for context_id in context_ids:
             grads = dist_autograd.get_gradients(context_id)
             sums, addends = [], []
@@ -293,7 +293,6 @@ class StageWorker:
     def drop_stats(self) -> None:
         """Forget a step that was not applied (a skipped non-finite loss)."""
         self._forward_spans, self._backward_spans = [], []
-        self._served = 0
         self.memory.pop_peak_mb()
 
     @_on_stage_stream
@@ -361,11 +360,7 @@ def forward_on_stage(stage_id: int, seq: int, x: torch.Tensor, targets: torch.Te
     Activations go stage to stage, never through the driver; async_execution frees this RPC
     thread while the later stages work.
     """
-    stage = _LOCAL_STAGES[stage_id]
-    if context_id is not None:
-        with stage._turn:
-            stage._served += 1
-    return stage.forward_async(seq, x, targets, batch, context_id)
+    return _LOCAL_STAGES[stage_id].forward_async(seq, x, targets, batch, context_id)
 
 
 @rpc.functions.async_execution

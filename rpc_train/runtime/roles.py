@@ -1,8 +1,8 @@
 """What each rank is in a job: which worker hosts which stage, and its device maps.
 
-Pipeline mode: rank k+1 hosts stage k, on its own device (runtime/devices.py `own_device`). Parameter-server mode: ranks 1..ps.servers host the
-parameter shards and every later rank is a trainer; hybrid mode splits the same way by
-hybrid.servers. Rank 0 always drives.
+Pipeline mode: rank k+1 hosts stage k, on its own device (runtime/devices.py `own_device`).
+Parameter-server mode: ranks 1..ps.servers host the parameter shards and every later rank is
+a trainer; hybrid mode splits the same way by hybrid.servers. Rank 0 always drives.
 """
 
 from dataclasses import dataclass
@@ -14,12 +14,6 @@ from omegaconf import DictConfig
 from rpc_train.config.schema import num_stages
 from rpc_train.runtime.devices import chain_device_maps, local_device, own_device
 from rpc_train.runtime.world import World, worker_name
-
-
-def stage_of(world: World, cfg: DictConfig):
-    """The pipeline stage this rank hosts (rank k+1 hosts stage k), or None."""
-    k = num_stages(cfg.pipeline, world.size)
-    return world.rank - 1 if 1 <= world.rank <= k else None
 
 
 def stage_device_maps(cfg: DictConfig, world: World) -> Dict[str, Dict[str, str]]:
