@@ -3,7 +3,7 @@
 A profile of the per-micro-batch path of `PipelineEngine` (driver + K stages on this machine,
 a model small enough that messaging dominates): each row adds one piece to the previous one,
 so the differences say what each piece costs. It times the engine's own micro-batch path
-(`train_on_stage` on stage 0), counts each step's RPC messages (pipeline/messages.py), and
+(`train_step`: one call to stage 0, which has every stage step), counts each step's RPC messages (pipeline/messages.py), and
 measures the CPU time each process spends per step: on a machine with fewer cores than
 processes, the CPU a micro-batch costs, more than its messages' latency, sets the step.
 """
@@ -20,8 +20,6 @@ from rpc_train.bench.rpc import echo, median_s
 from rpc_train.runtime.local_world import run_in_local_world
 from rpc_train.pipeline.engine import PipelineEngine
 from rpc_train.config.compose import compose
-from rpc_train.pipeline.stage import end_step_on_stage, train_on_stage
-from rpc_train.runtime.remote import call_all
 
 
 NAME = 56  # the width of the row names
@@ -35,23 +33,15 @@ def _rows(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, repeats: int
     first = engine.workers[0]
     x, y = x.to(engine.device), y.to(engine.device)  # where the engine keeps them (a GPU with device=cuda)
 
-    def forward_and_backward() -> None:
-        # A training step's path without the optimizer step: the batch to stage 0, every
-        # micro-batch's forward, loss and backward, then its contexts closed.
-        rpc.rpc_sync(first, train_on_stage, args=(0, x, y))
-        rpc.rpc_sync(first, end_step_on_stage, args=(0,))
-
     rows = [("RPC round trip, driver <-> stage 0", median_ms(lambda: rpc.rpc_sync(first, echo, args=(x,)), repeats)),
-            ("forward and loss through the stages (eval_step)", median_ms(lambda: engine.eval_step(x, y), repeats)),
-            ("  ... training: contexts, backward from the last stage", median_ms(forward_and_backward, repeats))]
-    call_all(engine.stages, "drop_stats")  # those forwards never stepped
+            ("forward and loss through the stages (eval_step)", median_ms(lambda: engine.eval_step(x, y), repeats))]
     step_ms, compute_ms = [], []
     for i in range(repeats // 2 + 5):
         result = engine.train_step(x, y)
         if i >= 5:
             step_ms.append(result.stats["pipeline/step_ms"])
             compute_ms.append(sum(v for k, v in result.stats.items() if k.endswith(("forward_ms", "backward_ms"))))
-    rows += [("stages' optimizer step (one RPC each, in parallel)", statistics.median(step_ms)),
+    rows += [("stages' optimizer steps (stage 0's, one call to stage 1)", statistics.median(step_ms)),
              ("stage compute in a 1-micro-batch step (stages' clocks)", statistics.median(compute_ms))]
     return rows
 

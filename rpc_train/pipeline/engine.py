@@ -5,8 +5,9 @@ Per training step the driver makes one call to stage 0 with the batch and its ta
 context so its backward can start the moment its loss is known and run while other
 micro-batches are still in forward or backward elsewhere (one shared context would serialise
 the backward passes). The last stage computes each loss and starts its backward
-(pipeline/feed.py, pipeline/stage.py). Once every backward is done the stages sum their
-gradients over all contexts and step, one call each, and stage 0 lets the contexts close.
+(pipeline/feed.py, pipeline/stage.py). Once every backward is done, stage 0 has every stage
+sum its gradients over all contexts and step, closes the contexts, and answers with the
+losses and the stages' stats: the driver's one call is the whole step.
 
 Schedules: stage 0 starts every micro-batch at once. With `gpipe` each stage runs the
 forwards as they come; with `1f1b` stage k (of K) starts a forward only while fewer than K-k
@@ -17,10 +18,9 @@ a backward ends there, with no round trip to anyone.
 """
 
 import logging
-import math
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 import torch.distributed.rpc as rpc
@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from rpc_train.config.schema import as_dict, num_stages
 from rpc_train.pipeline.partition import plan_stages, stage_bounds
 from rpc_train.pipeline.profile import RankProfiler
-from rpc_train.pipeline.stage import StageWorker, end_step_on_stage, evaluate_on_stage, train_on_stage
+from rpc_train.pipeline.stage import StageWorker, evaluate_on_stage, train_on_stage
 from rpc_train.pipeline.timeline import bubble_fraction
 from rpc_train.runtime.devices import mps_running, own_device, shared_gpu_note
 from rpc_train.runtime.remote import call_all, gather_state
@@ -67,12 +67,12 @@ class PipelineEngine:
                              cfg.trainer.loss, self.micro_batches))
             for i, bounds in enumerate(stage_bounds(self.counts))
         ]
+        others = [(self.workers[i], i) for i in range(1, k)]  # the stages stage 0 has step
         self._connected = [
-            stage.rpc_async().connect(*((self.workers[i + 1], i + 1) if i + 1 < k else (None, None)))
+            stage.rpc_async().connect(*((self.workers[i + 1], i + 1) if i + 1 < k else (None, None)),
+                                      others if i == 0 else ())
             for i, stage in enumerate(self.stages)
         ]
-        # The previous step's `end_step_on_stage`, waited for (errors surface) before the next call.
-        self._ended: Optional[torch.futures.Future] = None
         self._profiler = RankProfiler()
         log.info("pipeline: %d stages on %s, layers per stage %s, %d micro-batches, %s schedule",
                  k, ", ".join(self.workers), self.counts, self.micro_batches, cfg.pipeline.schedule)
@@ -85,36 +85,21 @@ class PipelineEngine:
     def wait_ready(self) -> None:
         torch.futures.wait_all(self._connected)
 
-    def _call_first_stage(self, fn, *args):
-        if self._ended is not None:
-            self._ended, ended = None, self._ended
-            ended.wait()
-        return rpc.rpc_sync(self.workers[0], fn, args=(0, *args))
-
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         started = time.perf_counter()
         # One host-to-device copy per batch; stage 0 splits it into views.
         x, y = x.to(self.device), y.to(self.device)
-        try:
-            done = self._call_first_stage(train_on_stage, x, y)
-            loss = sum(d[1] for d in done)
-            if not math.isfinite(loss):
-                call_all(self.stages, "drop_stats")
-                return StepResult(loss, 0, skipped=True)
-            stepping = time.perf_counter()
-            per_stage = call_all(self.stages, "step", [d[0] for d in done])
-            step_ms = 1e3 * (time.perf_counter() - stepping)
-        finally:
-            # The contexts may close now: the stages have read their gradients. Not waited for
-            # here: the next call to stage 0 waits for it first.
-            self._ended = rpc.rpc_async(self.workers[0], end_step_on_stage, args=(0,))
-        result = step_result(loss, sum(d[2] for d in done), per_stage, started, step_ms)
+        done, per_stage, step_ms = rpc.rpc_sync(self.workers[0], train_on_stage, args=(0, x, y))
+        loss = sum(d[0] for d in done)
+        if per_stage is None:  # a non-finite loss: stage 0 had no stage step
+            return StepResult(loss, 0, skipped=True)
+        result = step_result(loss, sum(d[1] for d in done), per_stage, started, step_ms)
         count_messages(result.stats, per_stage, len(done))
         return result
 
     @torch.no_grad()
     def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        loss, correct = self._call_first_stage(evaluate_on_stage, x.to(self.device), y.to(self.device))
+        loss, correct = rpc.rpc_sync(self.workers[0], evaluate_on_stage, args=(0, x.to(self.device), y.to(self.device)))
         return StepResult(loss, correct)
 
     # pipeline.profile_step (pipeline/profile.py): every rank's torch.profiler, this one's too.
@@ -134,8 +119,6 @@ class PipelineEngine:
 
     def close(self) -> None:
         """Free the stages and stage 0's micro-batch threads (for a process that builds engines anew)."""
-        if self._ended is not None:
-            self._ended.wait()
         call_all(self.stages, "release")
         self._profiler.close()
 
@@ -154,11 +137,11 @@ class PipelineEngine:
 
 def count_messages(stats: Dict[str, float], per_stage: List[Dict[str, Any]], micro_batches: int) -> None:
     """Messages per micro-batch (its forward, backward and context cleanup, counted by the
-    stages: pipeline/messages.py) and per step: those, plus the driver's calls and their
-    replies (the batch to stage 0, an optimizer step per stage, the end of the step)."""
+    stages: pipeline/messages.py) and per step: those, plus the driver's call to stage 0 and
+    stage 0's to each other stage to step, and their replies."""
     path = sum(s["messages"] for s in per_stage)
     stats["pipeline/messages_per_micro_batch"] = path / micro_batches
-    stats["pipeline/messages_per_step"] = path + 2 * (len(per_stage) + 2)
+    stats["pipeline/messages_per_step"] = path + 2 * len(per_stage)
 
 
 def step_result(loss: float, correct: int, per_stage: List[Dict[str, Any]], started: float,

@@ -4,12 +4,17 @@ Stage 0 splits the batch into micro-batches and gives each its own distributed-a
 context, on a thread of its own that holds the context open until the stages have stepped
 (closing it frees the gradients). Its forward goes to the next stage with the targets; the
 last stage computes the loss and starts the backward (`StageWorker.finish`), so gradients
-cross only the K-1 stage boundaries and the driver takes no part in autograd at all: one call
-per step where it used to make one per micro-batch, each carrying a recorded send whose
-backward and context cleanup cost four more messages (docs/benchmarks.md, "anatomy").
+cross only the K-1 stage boundaries and the driver takes no part in autograd at all. Once
+every backward is done, stage 0 has every stage step (itself in place, the others by one call
+each) and closes the contexts before it answers: a training step is one call from the driver,
+where it was one per micro-batch, each carrying a recorded send whose backward and context
+cleanup cost four more messages, plus one per stage to step and one to end the step
+(docs/benchmarks.md, "anatomy").
 """
 
+import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import List
 
@@ -43,8 +48,9 @@ class Feeder:
         return zip(x.tensor_split(m), y.tensor_split(m))
 
     def train(self, x: torch.Tensor, y: torch.Tensor) -> torch.futures.Future:
-        """A Future of [(context id, loss share, correct)] per micro-batch, set once every
-        backward is done; the contexts stay open until `end_step`."""
+        """A Future of the step: ([(loss share, correct)] per micro-batch, then each stage's
+        stats from its optimizer step in stage order, or None where a non-finite loss skipped
+        the step, then the steps' wall-clock ms), set once every stage has stepped."""
         self._release = release = threading.Event()
         reports = []
         # On a GPU the batch arrived on this request's stream; the micro-batch threads work on
@@ -54,7 +60,22 @@ class Feeder:
             report = torch.futures.Future()
             self._pool.submit(self._micro_batch, self.take_seq(), cx, cy, len(y), release, report)
             reports.append(report)
-        return all_or_first_error(reports)
+        # Runs on the thread of the micro-batch that ends last (or fails first): ours, not an
+        # RPC thread, so it may wait for the other stages' steps.
+        return all_or_first_error(reports).then(lambda done: self._step(done, release))
+
+    def _step(self, done: torch.futures.Future, release: threading.Event) -> tuple:
+        """Every backward is done: every stage steps, or drops the step's stats where the
+        batch's loss is not finite, and then the micro-batches' contexts close."""
+        try:
+            reports = done.wait()
+            ids = [r[0] for r in reports]
+            skip = not math.isfinite(sum(r[1] for r in reports))
+            started = time.perf_counter()
+            per_stage = self.stage.step_pipeline(ids, skip)
+            return [r[1:] for r in reports], per_stage, 1e3 * (time.perf_counter() - started)
+        finally:
+            release.set()  # the stages have read their gradients (or never will)
 
     def _micro_batch(self, seq, x, y, batch, release, report: torch.futures.Future) -> None:
         try:
@@ -67,17 +88,13 @@ class Feeder:
             if not report.done():
                 report.set_exception(err)
 
-    def end_step(self) -> None:
-        """The stages have read their gradients: the micro-batches' contexts may close."""
-        self._release.set()
-
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> torch.futures.Future:
         """A Future of the batch's (summed loss, correct count); micro-batches pipeline as in training."""
         results = [self.stage.forward_async(self.take_seq(), cx, cy, None, None) for cx, cy in self._chunks(x, y)]
         return all_or_first_error(results).then(lambda done: tuple(map(sum, zip(*done.wait()))))
 
     def close(self) -> None:
-        self._release.set()
+        self._release.set()  # a step that failed may still hold its contexts
         self._pool.shutdown(wait=True)
 
 

@@ -1,10 +1,10 @@
 """One pipeline stage: a slice of the model's layers, its optimizer, living on one worker.
 
 The driver creates each `StageWorker` with `rpc.remote` and keeps the RRef: the RRef owns the
-stage's lifetime and carries the control calls (step, state, stats). The per-batch and
-per-micro-batch paths instead call functions by stage id (`train_on_stage`,
-`forward_on_stage`): passing an RRef as an argument would run the RRef fork protocol (extra
-messages) for every call.
+stage's lifetime and carries the control calls (state, checkpoints, profiles). The per-batch
+and per-micro-batch paths, and stage 0's calls that have the other stages step, instead call
+functions by stage id (`train_on_stage`, `forward_on_stage`, `_call_stage`): passing an RRef
+as an argument would run the RRef fork protocol (extra messages) for every call.
 
 A micro-batch goes stage to stage with its targets; the last stage computes the loss and
 starts the distributed backward in the micro-batch's context (`finish`), and each stage's
@@ -16,7 +16,7 @@ import functools
 import resource
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed.autograd as dist_autograd
@@ -108,6 +108,7 @@ class StageWorker:
                                           if self.params else (None, None))
         self.memory = ActivationMeter(self.params, self.device)
         self.next_stage: Optional[tuple] = None  # (worker name, stage id)
+        self.others: List[tuple] = []  # stage 0: the other stages, (worker name, stage id)
         self._anchor = torch.zeros((), requires_grad=True)
         self._turn = threading.Lock()  # guards _next_seq, _in_flight and _waiting
         self._next_seq = 0
@@ -125,8 +126,10 @@ class StageWorker:
         # syncs), and the stage's lock cannot be pickled; as a lookup by id it holds none.
         return _local_stage, (self.stage_id,)
 
-    def connect(self, next_worker: Optional[str], next_stage_id: Optional[int]) -> None:
+    def connect(self, next_worker: Optional[str], next_stage_id: Optional[int], others: Sequence[tuple] = ()) -> None:
+        """The next stage, and for stage 0 the stages after it, which it has step (`step_pipeline`)."""
         self.next_stage = (next_worker, next_stage_id) if next_worker else None
+        self.others = [tuple(other) for other in others]
 
     def _wait_turn(self, seq: int, training: bool) -> None:
         # Micro-batches run in the order stage 0 numbered them, whatever order the RPC
@@ -241,6 +244,16 @@ class StageWorker:
         dist_autograd.backward(context_id, [loss])
         return loss.item(), correct
 
+    def step_pipeline(self, context_ids: List[int], skip: bool) -> Optional[List[Dict[str, Any]]]:
+        """Stage 0, once every backward of the step is done: every stage steps (`step`), the
+        others through one call each while this one steps, and their stats come back in stage
+        order; or, to skip a step with a non-finite loss, every stage drops its stats (None)."""
+        call = ("drop_stats",) if skip else ("step", context_ids)
+        calls = [rpc.rpc_async(worker, _call_stage, args=(stage_id, *call)) for worker, stage_id in self.others]
+        own = self.drop_stats() if skip else self.step(context_ids)
+        others = torch.futures.wait_all(calls)
+        return None if skip else [own, *others]
+
     @_on_stage_stream
     def step(self, context_ids: List[int]) -> Dict[str, Any]:
         """Sum this stage's gradients over the micro-batches' autograd contexts and step.
@@ -352,6 +365,11 @@ def _local_stage(stage_id: int) -> "StageWorker":
     return _LOCAL_STAGES[stage_id]
 
 
+def _call_stage(stage_id: int, method: str, *args):
+    """Stage 0's call to another stage's `step` or `drop_stats` (`StageWorker.step_pipeline`)."""
+    return getattr(_LOCAL_STAGES[stage_id], method)(*args)
+
+
 @rpc.functions.async_execution
 def forward_on_stage(stage_id: int, seq: int, x: torch.Tensor, targets: torch.Tensor, batch: Optional[int],
                      context_id: Optional[int]) -> torch.futures.Future:
@@ -373,8 +391,3 @@ def train_on_stage(stage_id: int, x: torch.Tensor, y: torch.Tensor) -> torch.fut
 def evaluate_on_stage(stage_id: int, x: torch.Tensor, y: torch.Tensor) -> torch.futures.Future:
     """Stage 0: an evaluation batch through the pipeline (`Feeder.evaluate`)."""
     return _LOCAL_STAGES[stage_id].feeder.evaluate(x, y)
-
-
-def end_step_on_stage(stage_id: int) -> None:
-    """Stage 0: the step is over, the micro-batches' contexts may close (`Feeder.end_step`)."""
-    _LOCAL_STAGES[stage_id].feeder.end_step()
