@@ -30,7 +30,7 @@ from rpc_train.config.schema import as_dict, num_stages
 from rpc_train.pipeline.partition import plan_stages, stage_bounds
 from rpc_train.pipeline.profile import RankProfiler
 from rpc_train.pipeline.stage import StageWorker, evaluate_on_stage, train_on_stage
-from rpc_train.pipeline.timeline import bubble_fraction
+from rpc_train.pipeline.timeline import bubble_fraction, handoffs_ms
 from rpc_train.runtime.devices import mps_running, own_device, shared_gpu_note
 from rpc_train.runtime.remote import call_all, gather_state
 from rpc_train.runtime.world import DRIVER, worker_name
@@ -162,4 +162,6 @@ def step_result(loss: float, correct: int, per_stage: List[Dict[str, Any]], star
         stats[f"stage{i}/peak_memory_mb"] = s["peak_memory_mb"]
     spans = [s["spans"] for s in per_stage]
     stats["pipeline/bubble_fraction"] = bubble_fraction(spans, started, time.perf_counter())
+    for way, ms in handoffs_ms(spans).items():
+        stats[f"pipeline/{way}_handoff_ms"] = ms
     return StepResult(loss, correct, stats, spans=spans, started=started)

@@ -7,7 +7,8 @@ the processes of one machine; across machines the rows are only roughly aligned)
 
 import json
 import os
-from typing import Optional, Sequence
+import statistics
+from typing import Dict, Optional, Sequence
 
 Span = tuple  # (kind "F" | "B", micro-batch seq, start s, end s)
 
@@ -17,6 +18,27 @@ def bubble_fraction(spans: Sequence[Sequence[Span]], started: float, ended: floa
     busy = sum(end - start for stage in spans for _, _, start, end in stage)
     total = len(spans) * (ended - started)
     return max(0.0, 1.0 - busy / total) if total > 0 else 0.0
+
+
+def handoffs_ms(spans: Sequence[Sequence[Span]]) -> Dict[str, float]:
+    """Median ms from a micro-batch's end on one stage to its start on the next one.
+
+    "forward": its forward ending on stage k-1 to starting on stage k; "backward": its
+    backward ending on stage k (the gradient of the input is ready) to starting on stage k-1.
+    Each is the message's latency plus any wait for a core, the GIL or the stage's turn;
+    under 1f1b both are on the path that sets the step (docs/benchmarks.md). 0 without a boundary.
+    """
+    gaps = {"forward": [], "backward": []}
+    for upstream, downstream in zip(spans, spans[1:]):
+        ends = {(kind, seq): (start, end) for kind, seq, start, end in upstream}
+        for kind, seq, start, end in downstream:
+            if (kind, seq) not in ends:
+                continue
+            if kind == "F":
+                gaps["forward"].append(start - ends[kind, seq][1])
+            else:  # the gradient goes the other way
+                gaps["backward"].append(ends[kind, seq][0] - end)
+    return {way: 1e3 * statistics.median(g) if g else 0.0 for way, g in gaps.items()}
 
 
 def chrome_trace(spans: Sequence[Sequence[Span]], started: float) -> dict:

@@ -42,7 +42,8 @@ def test_bench_runs_and_writes_every_row(tmp_path):
     assert all(float(r["vs_peer"]) > 0 for r in rows if r["setup"].startswith("rpc_train") and r["micro_batches"] == "2")
     assert "samples/s" in done.stdout
     # Each rpc_train row's notes: stage compute and peak memory, the optimizer-step RPC, the
-    # bubble and the messages (6 a micro-batch with K=2: pipeline/messages.py).
-    notes = re.findall(r"^  rpc_train .* peak [\d.]+ MB; step [\d.]+, bubble [\d.]+, messages (\d+)/micro-batch \d+/step$",
+    # bubble, the handoffs and the messages (6 a micro-batch with K=2: pipeline/messages.py).
+    notes = re.findall(r"^  rpc_train .* peak [\d.]+ MB; step [\d.]+, bubble [\d.]+, handoff fwd [\d.]+ bwd [\d.]+, "
+                       r"messages (\d+)/micro-batch \d+/step$",
                        done.stdout, re.M)
     assert notes == ["6"] * 4, done.stdout

@@ -19,6 +19,7 @@ EXPECTED_SCALARS = {
     "stage0/page_faults", "stage1/page_faults", "stage0/peak_memory_mb", "stage1/peak_memory_mb",
     "pipeline/bubble_fraction", "pipeline/step_ms",
     "pipeline/messages_per_micro_batch", "pipeline/messages_per_step",
+    "pipeline/forward_handoff_ms", "pipeline/backward_handoff_ms",
 }
 
 
@@ -64,6 +65,8 @@ def test_smoke_run_shows_the_pipeline_timeline(smoke_run):
     assert sorted((e["tid"], e["cat"]) for e in boxes) == sorted(
         [(k, c) for k in (0, 1) for c in ("forward", "backward") for _ in range(4)])
     assert all(0 < v < 1 for _, v in read_scalars(run_dir)["pipeline/bubble_fraction"])
+    # A micro-batch's handoff between the stages takes at least a message's time each way.
+    assert all(v > 0 for way in ("forward", "backward") for _, v in read_scalars(run_dir)[f"pipeline/{way}_handoff_ms"])
     # The smoke run's 1f1b schedule: stage k of K=2 holds at most K-k micro-batches at once,
     # from the start of a micro-batch's forward there to the end of its backward there (with
     # gpipe, stage 0 would hold all 4).
