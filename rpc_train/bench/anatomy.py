@@ -1,11 +1,13 @@
 """`python -m rpc_train.bench.anatomy`: where a pipeline micro-batch's time goes, piece by piece.
 
 A profile of the per-micro-batch path of `PipelineEngine` (driver + K stages on this machine,
-a model small enough that messaging dominates): each row adds one piece to the previous one,
-so the differences say what each piece costs. It times the engine's own micro-batch path
-(`train_step`: one call to stage 0, which has every stage step), counts each step's RPC messages (pipeline/messages.py), and
-measures the CPU time each process spends per step: on a machine with fewer cores than
-processes, the CPU a micro-batch costs, more than its messages' latency, sets the step.
+a model small enough that messaging dominates): one round trip, a forward through the stages,
+the stages' optimizer steps and compute, then whole training steps at 1 to 8 micro-batches,
+so the differences say what each piece costs. It times the engine's own path (`train_step`:
+one call to stage 0, which has every stage step), counts each step's RPC messages
+(pipeline/messages.py), and measures the CPU time each process spends per step: on a machine
+with fewer cores than processes, the CPU a micro-batch costs, more than its messages'
+latency, sets the step.
 """
 
 import argparse

@@ -205,7 +205,8 @@ def stage_notes(rows: List[Dict]) -> str:
                               for s in stages)
             notes.append(f"  {row['setup']} m={row['micro_batches']} (layers {row['counts']}): {parts}; "
                          f"step {ms['pipeline/step_ms']:.1f}, bubble {ms['pipeline/bubble_fraction']:.2f}, "
-                         f"handoff fwd {ms['pipeline/forward_handoff_ms']:.1f} bwd {ms['pipeline/backward_handoff_ms']:.1f}, "
+                         f"handoff fwd {ms['pipeline/forward_handoff_ms']:.1f} "
+                         f"bwd {ms['pipeline/backward_handoff_ms']:.1f}, "
                          f"messages {ms['pipeline/messages_per_micro_batch']:.0f}/micro-batch "
                          f"{ms['pipeline/messages_per_step']:.0f}/step")
     return ("per step (medians): stage compute ms, page faults, peak memory (CPU: activations held for "
