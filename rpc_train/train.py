@@ -73,7 +73,9 @@ def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except ConfigError as err:
-        if os.environ.get("RANK", "0") == "0":  # every rank fails alike; one says why
+        # The ranks of a machine fail alike (a bad value, or that machine's GPUs), so one rank
+        # per machine says why: the driver's machine is not always the one at fault.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except RunFailure as err:  # raised on the driver only, after it stopped the workers

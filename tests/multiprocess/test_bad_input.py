@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers.launching import launch, REPO
+from rpc_train.runtime.local_world import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,6 +56,24 @@ def test_every_rank_refuses_a_bad_value_even_without_the_launcher(tmp_path, over
     codes = [line.split(":")[1].split()[0] for line in result.stderr.splitlines()
              if line.strip().startswith("exitcode")]
     assert len(codes) == 3 and set(codes) <= {"2", "-15"} and "2" in codes, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_each_machine_says_why_its_ranks_refuse(tmp_path):
+    """Two torchrun nodes on loopback, straight at the entry point: a machine without a GPU is
+    named on that machine's console too, not only on the driver's (whose machine may be fine)."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "-m", "rpc_train.train",
+           f"hydra.run.dir={tmp_path}", "device=cuda"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([*cmd[:3], "--node-rank", str(rank), *cmd[3:]], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=90)[1] for node in nodes]
+    needle = "error: device=cuda: no CUDA device is visible to torch on this machine"
+    assert all(node.returncode != 0 for node in nodes), outputs
+    assert [out.count(needle) for out in outputs] == [1, 1], "\n".join(out[-2000:] for out in outputs)
 
 
 def test_a_failing_worker_ends_the_job_with_its_traceback(tmp_path):
