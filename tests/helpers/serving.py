@@ -120,12 +120,19 @@ def served_reference(run: Path, rows: np.ndarray) -> np.ndarray:
 
 class Load:
     """Clients in threads, each sending `rows` again and again until stopped; every call's
-    (status, seconds) is kept. Status is "OK" or tritonclient's "StatusCode.X"."""
+    (status, seconds) is kept. Status is "OK" or tritonclient's "StatusCode.X".
 
-    def __init__(self, url: str, rows: np.ndarray, clients: int = 4, deadline_s: float = 20.0):
+    `leave_when_draining`: a client told that the server is shutting down goes, as one told to
+    retry elsewhere would. One that kept calling would sooner or later reach gRPC in its own
+    shutdown, which cuts calls no handler has taken yet (CANCELLED) after the drain.
+    """
+
+    def __init__(self, url: str, rows: np.ndarray, clients: int = 4, deadline_s: float = 20.0,
+                 leave_when_draining: bool = False):
         import threading
 
         self.url, self.rows, self.deadline_s = url, rows, deadline_s
+        self.leave_when_draining = leave_when_draining
         self.outcomes: List[tuple] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client) for _ in range(clients)]
@@ -142,6 +149,9 @@ class Load:
                 code = "OK"
             except InferenceServerException as err:
                 code = str(err).split("]")[0].strip("[")
+                if self.leave_when_draining and "shutting down" in str(err):
+                    self.outcomes.append((code, time.monotonic() - began))
+                    return
                 time.sleep(0.05)
             self.outcomes.append((code, time.monotonic() - began))
 
