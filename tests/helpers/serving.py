@@ -143,17 +143,18 @@ class Load:
 
         client = triton.InferenceServerClient(self.url)
         while not self._stop.is_set():
-            began = time.monotonic()
+            began, leaving = time.monotonic(), False
             try:
                 client.infer("mlp", [triton_input(self.rows)], client_timeout=self.deadline_s)
                 code = "OK"
             except InferenceServerException as err:
                 code = str(err).split("]")[0].strip("[")
-                if self.leave_when_draining and "shutting down" in str(err):
-                    self.outcomes.append((code, time.monotonic() - began))
-                    return
-                time.sleep(0.05)
+                leaving = self.leave_when_draining and "shutting down" in str(err)
+                if not leaving:
+                    time.sleep(0.05)
             self.outcomes.append((code, time.monotonic() - began))
+            if leaving:
+                return
 
     def codes(self, since: int = 0) -> List[str]:
         return [code for code, _ in self.outcomes[since:]]

@@ -64,12 +64,15 @@ def test_each_machine_says_why_its_ranks_refuse(tmp_path):
     """Two torchrun nodes on loopback, straight at the entry point: a machine without a GPU is
     named on that machine's console too, not only on the driver's (whose machine may be fine)."""
     endpoint = f"127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "-m", "rpc_train.train",
-           f"hydra.run.dir={tmp_path}", "device=cuda"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen([*cmd[:3], "--node-rank", str(rank), *cmd[3:]], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+
+    def node(rank: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank),
+               "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+               "-m", "rpc_train.train", f"hydra.run.dir={tmp_path}", "device=cuda"]
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    nodes = [node(0), node(1)]
     outputs = [node.communicate(timeout=90)[1] for node in nodes]
     needle = "error: device=cuda: no CUDA device is visible to torch on this machine"
     assert all(node.returncode != 0 for node in nodes), outputs
