@@ -4,14 +4,15 @@ import pytest
 
 from helpers.jobs import Job
 from helpers.launching import SMOKE, launch, ok
+from helpers.progress import REPORT_OFTEN
 
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """One real 3-process smoke launch shared by the tests that only read its outputs."""
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    result = ok(launch(SMOKE + ["pipeline.timeline_every=10", "pipeline.trace_step=12", "pipeline.profile_step=12"],
-                       run_dir))
+    result = ok(launch(SMOKE + REPORT_OFTEN + ["pipeline.timeline_every=10", "pipeline.trace_step=12",
+                                               "pipeline.profile_step=12"], run_dir))
     return run_dir, result
 
 

@@ -218,6 +218,7 @@ class TrainerConf:
     batch_size: int = 64
     # Log training scalars every N steps (validation runs at the end of each epoch).
     log_every: int = 10
+    # Show progress: a bar on a terminal, a line every log.progress_s seconds elsewhere.
     progress: bool = True
     # Write the trained model as a plain state_dict (model.pt) in the run dir.
     save_model: bool = True
@@ -227,6 +228,14 @@ class TrainerConf:
     # A NaN or infinite loss stops the run (false) or skips that step, counted in
     # train/skipped_steps (true). Either way no optimizer steps on it.
     skip_nonfinite: bool = False
+
+
+@dataclass
+class LogConf:
+    # Seconds between the driver's plain progress lines (step, epoch, loss, samples/s, ETA),
+    # written when stderr is not a terminal: a file, a pipe, CI, Slurm. A terminal gets tqdm's
+    # bar instead; trainer.progress=false shows neither.
+    progress_s: float = 10.0
 
 
 @dataclass
@@ -258,6 +267,7 @@ class Config:
     # "cpu" or "cuda"; with cuda, each rank runs on cuda:(LOCAL_RANK mod its machine's GPUs).
     device: str = "cpu"
     checkpoint: CheckpointConf = field(default_factory=CheckpointConf)
+    log: LogConf = field(default_factory=LogConf)
 
 
 def register_configs() -> None:

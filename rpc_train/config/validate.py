@@ -30,6 +30,8 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
     yield from _positive("trainer.batch_size", trainer.batch_size)
     yield from _positive("trainer.epochs", trainer.epochs)
     yield from _positive("trainer.log_every", trainer.log_every)
+    if not cfg.log.progress_s > 0:
+        yield f"log.progress_s={cfg.log.progress_s}: must be a positive number of seconds between progress lines"
     if trainer.max_steps is not None:
         yield from _positive("trainer.max_steps", trainer.max_steps)
     if trainer.loss not in LOSS_NAMES:

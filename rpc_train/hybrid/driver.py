@@ -25,6 +25,7 @@ from rpc_train.hybrid.server import EmbeddingServer
 from rpc_train.hybrid.sharding import plan
 from rpc_train.hybrid.trainer import HybridTrainer
 from rpc_train.hybrid.watch import run_trainers
+from rpc_train.metrics.progress import Progress
 from rpc_train.metrics.tensorboard import RunLogger
 from rpc_train.runtime.remote import call_all
 from rpc_train.runtime.roles import ParameterServerRoles, hybrid_roles
@@ -136,14 +137,19 @@ def fit_hybrid(cfg: DictConfig, world_size: int, logger: RunLogger) -> FitResult
     total = cfg.trainer.epochs * job.per_epoch
     total = min(total, cfg.trainer.max_steps) if cfg.trainer.max_steps else total
     final: Dict[str, float] = {}
-    run_epochs(cfg, job, checkpoints, logger, val_loader, total, final)
+    progress = Progress(total, initial=start.step, epochs=cfg.trainer.epochs, every_s=cfg.log.progress_s,
+                        enabled=cfg.trainer.progress)
+    try:
+        run_epochs(cfg, job, checkpoints, logger, val_loader, total, final, progress)
+    finally:
+        progress.close()
     checkpoints.save()  # the final one, unless the last epoch just saved it
     final["time/total_s"] = time.perf_counter() - started
     return final, job.state_dict
 
 
 def run_epochs(cfg: DictConfig, job: HybridJob, checkpoints: Checkpointer, logger: RunLogger,
-               val_loader: DataLoader, total: int, final: Dict[str, float]) -> None:
+               val_loader: DataLoader, total: int, final: Dict[str, float], progress: Progress) -> None:
     """The epochs from the checkpointer's position, advancing it after each; as in ps/driver.py,
     checkpoints are written between epochs only, when no gradient is in flight."""
     position = checkpoints.position
@@ -153,8 +159,9 @@ def run_epochs(cfg: DictConfig, job: HybridJob, checkpoints: Checkpointer, logge
         steps = min(job.per_epoch - skip, total - done)
         if steps <= 0:
             break
-        final.update(log_windows(logger, run_trainers(job, steps, cfg.runtime.rpc_timeout_s)))
+        final.update(log_windows(logger, run_trainers(job, steps, cfg.runtime.rpc_timeout_s, progress, epoch)))
         before, done = done, done + steps
+        progress.update(done, (done - progress.step) * job.samples_per_step, final["train/loss"], epoch)
         # Every trainer's loader draws from an identically seeded generator: trainer 0's serves.
         complete = skip + steps == job.per_epoch
         position.step, position.loader_state = done, job.trainers[0].rpc_sync().loader_state(not complete)

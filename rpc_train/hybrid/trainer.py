@@ -60,6 +60,7 @@ class HybridTrainer:
         train, _ = load_clicks(OmegaConf.create(data_cfg), seed)
         self.loader = make_trainer_loader(train, batch_size, trainer_id, trainers, seed)
         self.step = 0
+        self.last_loss: Optional[float] = None  # the latest step's, for the driver's progress line
         self._versions = [0] * len(servers)
         self._step_hook = instantiate(step_hook) if step_hook else None
         self.order = DataOrder(self.loader)
@@ -83,7 +84,7 @@ class HybridTrainer:
             started = time.perf_counter()
             loss, lookup_s = self._train_step(dense, sparse, labels)
             window.add(loss, len(labels), time.perf_counter() - started, lookup_s)
-            self.step += 1
+            self.step, self.last_loss = self.step + 1, loss
             if self.step % self.log_every == 0:
                 windows.append(window.means(self.step))
                 window = _Window()
@@ -123,10 +124,10 @@ class HybridTrainer:
         self.doing = "data loading"
         return value, lookup_s
 
-    def whereabouts(self) -> Tuple[int, str]:
-        """(steps done, what the training thread is doing): answered by an RPC thread, so a
-        trainer stuck in its step still says where."""
-        return self.step, self.doing
+    def whereabouts(self) -> Tuple[int, str, Optional[float]]:
+        """(steps done, what the training thread is doing, the latest loss): answered by an RPC
+        thread, so a trainer stuck in its step still says where."""
+        return self.step, self.doing, self.last_loss
 
     def _lookup(self, sparse: torch.Tensor):
         """(unique rows per table, inverse per table, servers asked): one RPC per server."""

@@ -10,19 +10,22 @@ margin, so that a timed-out RPC, which names its peer, is reported first) ends t
 """
 
 import time
-from typing import Dict, List, Set
+from typing import Dict, List, Optional, Set
 
 import torch
 
 from rpc_train.config.errors import RunFailure, first_line
 from rpc_train.hybrid.trainer import WAITING_FOR_PEERS
+from rpc_train.metrics.progress import Progress
 from rpc_train.runtime.liveness import timed_out, unresponsive
 
 POLL_S = 1.0  # how often the watch asks the trainers where they are
 
 
-def run_trainers(job, steps: int, rpc_timeout_s: float) -> List[List[Dict[str, float]]]:
-    """Every trainer's `run_epoch(steps)` (`job`: a hybrid.driver.HybridJob); their windows."""
+def run_trainers(job, steps: int, rpc_timeout_s: float, progress: Optional[Progress] = None,
+                 epoch: int = 0) -> List[List[Dict[str, float]]]:
+    """Every trainer's `run_epoch(steps)` (`job`: a hybrid.driver.HybridJob); their windows.
+    Trainer 0's answers move `progress` on: under DDP the trainers keep within a step of each other."""
     # timeout=0: an epoch may take longer than any one RPC; the watch bounds a silent trainer.
     futures = [t.rpc_async(timeout=0).run_epoch(steps) for t in job.trainers]
     pending = set(range(len(futures)))
@@ -42,7 +45,10 @@ def run_trainers(job, steps: int, rpc_timeout_s: float) -> List[List[Dict[str, f
         if now >= next_poll:
             next_poll = now + POLL_S
             for i in sorted(pending):
-                _note_progress(job, i, asked, last_step, now)
+                answer = _note_progress(job, i, asked, last_step, now)
+                if i == 0 and answer is not None and progress is not None and answer[0] > progress.step:
+                    step, _, loss = answer
+                    progress.update(step, (step - progress.step) * job.samples_per_step, loss, epoch)
                 if now - last_step[i][1] > limit:
                     raise RunFailure(f"{_name(job, i)} made no step for {limit:.0f} s (1.5 x runtime.rpc_timeout_s "
                                      f"+ 2 s): {_where(job, i)}")
@@ -50,19 +56,21 @@ def run_trainers(job, steps: int, rpc_timeout_s: float) -> List[List[Dict[str, f
     return [f.wait() for f in futures]
 
 
-def _note_progress(job, i: int, asked: Dict[int, torch.futures.Future], last_step: dict, now: float) -> None:
-    """Collect trainer i's last answer (if in) and ask again; a new step count resets its clock."""
-    future = asked.get(i)
+def _note_progress(job, i: int, asked: Dict[int, torch.futures.Future], last_step: dict, now: float):
+    """Collect trainer i's last answer (if in; it is returned) and ask again; a new step count
+    resets its clock."""
+    future, answer = asked.get(i), None
     if future is not None and future.done():
         try:
-            step = future.wait()[0]
-            if step != last_step[i][0]:
-                last_step[i] = (step, now)
+            answer = future.wait()
+            if answer[0] != last_step[i][0]:
+                last_step[i] = (answer[0], now)
         except RuntimeError:
             pass  # no answer: its clock runs on
         future = None
     if future is None:
         asked[i] = job.trainers[i].rpc_async(timeout=POLL_S * 5).whereabouts()
+    return answer
 
 
 def _name(job, i: int) -> str:
@@ -71,7 +79,7 @@ def _name(job, i: int) -> str:
 
 def _where(job, i: int) -> str:
     try:
-        step, doing = job.trainers[i].rpc_sync(timeout=5).whereabouts()
+        step, doing, _ = job.trainers[i].rpc_sync(timeout=5).whereabouts()
     except RuntimeError:
         return "it does not answer"
     return f"stopped in {doing} after step {step}"
@@ -87,7 +95,7 @@ def failure(job, failed: int, err: Exception, running: Set[int]) -> str:
     stuck = []
     for i in sorted(running - {failed}):
         try:
-            step, doing = job.trainers[i].rpc_sync(timeout=5).whereabouts()
+            step, doing, _ = job.trainers[i].rpc_sync(timeout=5).whereabouts()
         except RuntimeError:
             stuck.append(f"{_name(job, i)} does not answer")
             continue

@@ -23,7 +23,7 @@ def fit_pipeline(cfg: DictConfig, world_size: int, logger: RunLogger) -> FitResu
     start = checkpoints.resume()
     timeline = TimelineLogger(logger, logger.log_dir, cfg.pipeline.timeline_every, cfg.pipeline.trace_step)
     trainer = Trainer(engine, train_loader, val_loader, cfg.trainer, logger, hooks=[timeline, checkpoints],
-                      start=start)
+                      start=start, progress_s=cfg.log.progress_s)
     # Last, so the trace starts after the other hooks of step N-1 (a checkpoint saved at step
     # N itself is in it).
     trainer.hooks.append(ProfileHook(engine, logger.log_dir, cfg.pipeline.profile_step, trainer.step + 1,

@@ -23,6 +23,7 @@ from rpc_train.data.datasets import make_loaders
 from rpc_train.config.errors import ConfigError, RunFailure
 from rpc_train.training.local import LocalEngine
 from rpc_train.metrics.tensorboard import RunLogger
+from rpc_train.metrics.progress import Progress
 from rpc_train.ps.progress import ProgressMonitor, collapse_warning
 from rpc_train.ps.server import ParameterServer
 from rpc_train.ps.sharding import shard_by_size, tensor_sizes
@@ -167,9 +168,11 @@ def fit_parameter_server(cfg: DictConfig, world_size: int, logger: RunLogger) ->
     start = checkpoints.resume()
     if start.step:  # the servers hold the checkpoint's state now: trainers re-fetch it
         call_all(job.trainers, "resume", start.step, start.loader_state, start.batch)
-    monitor = ProgressMonitor(logger, job.roles.trainers, job.servers, cfg.ps.sync,
-                              cfg.runtime.rpc_timeout_s, job.total, cfg.trainer.progress)
-    monitor.start_at(start.step)
+    # A resumed run starts at its checkpoint's step: the steps before it were trained (and logged) before.
+    progress = Progress(job.total, initial=start.step, epochs=cfg.trainer.epochs, every_s=cfg.log.progress_s,
+                        enabled=cfg.trainer.progress)
+    monitor = ProgressMonitor(logger, job.roles.trainers, job.servers, cfg.ps.sync, cfg.runtime.rpc_timeout_s,
+                              progress)
     try:
         run_epochs(cfg, engine, monitor, logger, checkpoints)
     finally:

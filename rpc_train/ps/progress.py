@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from tqdm import tqdm
 
 from rpc_train.config.errors import RunFailure, first_line
+from rpc_train.metrics.progress import Progress
 from rpc_train.metrics.tensorboard import RunLogger
 from rpc_train.runtime.remote import call_all
 
@@ -105,7 +105,7 @@ class ProgressMonitor:
     """On the driver: logs what the trainers report and ends, or goes on, when one fails."""
 
     def __init__(self, logger: RunLogger, trainer_names: List[str], servers: list, sync: bool,
-                 stall_s: float, total_steps: int, progress: bool):
+                 stall_s: float, progress: Progress):
         self.logger, self.names, self.servers = logger, trainer_names, servers
         self.sync, self.stall_s = sync, stall_s
         self.live = set(range(len(trainer_names)))
@@ -114,16 +114,10 @@ class ProgressMonitor:
         self._heard: Dict[int, float] = {}
         self._futures: Dict[int, torch.futures.Future] = {}
         self._silent: Dict[int, torch.futures.Future] = {}  # left out for silence (async)
-        self._bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress,
-                         dynamic_ncols=True)
-        self._logged_step = 0
+        self.progress = progress
+        self._logged_step = progress.step
         # (staleness, trainer) of the stalest gradient applied since `pop_stalest`.
         self._stalest: Optional[Tuple[int, int]] = None
-
-    def start_at(self, step: int) -> None:
-        """A resumed run: the steps before `step` were trained (and logged) before."""
-        self._logged_step = step
-        self._bar.update(step)
 
     def watch(self, futures: Dict[int, torch.futures.Future]) -> None:
         """Block until every trainer's `run_epoch` future is done, logging as reports come."""
@@ -236,9 +230,11 @@ class ProgressMonitor:
             scalars[f"server{j}/updates_per_s"] = server_stats["updates_per_s"]
         self.logger.scalars(step, scalars)
         self.final.update(scalars)
-        self._bar.update(step - self._logged_step)
-        self._bar.set_postfix(loss=f"{scalars['train/loss']:.4f}")
+        # The trainers' steps are one count of the run's steps (job.total), as they are logged.
+        self.progress.update(step, sum(r.samples for r in reports), scalars["train/loss"],
+                             max(r.epoch for r in reports))
+        self.progress.postfix(loss=f"{scalars['train/loss']:.4f}")
         self._logged_step = step
 
     def close(self) -> None:
-        self._bar.close()
+        self.progress.close()

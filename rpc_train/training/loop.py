@@ -1,7 +1,7 @@
 """The training loop, run by the driver against any `Engine` (training/protocol.py).
 
 The engine runs the steps; the loop owns epochs, step limits, validation, metrics and the
-progress bar.
+progress report (metrics/progress.py).
 """
 
 import itertools
@@ -12,10 +12,10 @@ from collections import defaultdict
 from typing import Callable, Dict, Iterable, Optional, Sequence
 
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from rpc_train.config.schema import TrainerConf
 from rpc_train.config.errors import RunFailure
+from rpc_train.metrics.progress import Progress
 from rpc_train.metrics.tensorboard import RunLogger
 from rpc_train.checkpoint.position import Position
 from rpc_train.training.protocol import Engine, Evaluator, StepResult
@@ -79,10 +79,13 @@ def validate_and_log(engine: Evaluator, val_loader: DataLoader, logger: Optional
 class Trainer:
     def __init__(self, engine: Engine, train_loader: DataLoader, val_loader: DataLoader,
                  cfg: TrainerConf, logger: Optional[RunLogger] = None,
-                 hooks: Sequence[Callable[[int, object], None]] = (), start: Optional[Position] = None):
+                 hooks: Sequence[Callable[[int, object], None]] = (), start: Optional[Position] = None,
+                 progress_s: float = 10.0):
         """`hooks` are called as hook(step, result) after every training step. `start` (from a
-        checkpoint) is where to go on from; the loop advances that object in place."""
+        checkpoint) is where to go on from; the loop advances that object in place.
+        `progress_s`: seconds between progress lines when stderr is not a terminal."""
         self.engine, self.cfg, self.logger, self.hooks = engine, cfg, logger, list(hooks)
+        self.progress_s = progress_s
         self.train_loader, self.val_loader = train_loader, val_loader
         self.position = start if start is not None else Position()
         self.final: Dict[str, float] = {}
@@ -102,33 +105,36 @@ class Trainer:
     def fit(self) -> Dict[str, float]:
         total = self.total_steps()
         window, started = _Window(), time.perf_counter()
-        bar = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=not self.cfg.progress,
-                   dynamic_ncols=True)
-        with bar:
+        progress = Progress(total, initial=self.step, epochs=self.cfg.epochs, every_s=self.progress_s,
+                            enabled=self.cfg.progress)
+        try:
             for epoch in range(self.position.epoch, self.cfg.epochs):
                 for x, y in self._batches(epoch):
                     if self.step >= total:
                         break
                     t0 = time.perf_counter()
                     result = self.engine.train_step(x, y)
-                    if self._applied(result):
+                    applied = self._applied(result)
+                    if applied:
                         window.add(result, len(y), time.perf_counter() - t0)
                     self.step += 1
                     self.position.batch += 1
-                    bar.update()
+                    progress.update(self.step, len(y), result.loss if applied else None, epoch)
                     for hook in self.hooks:
                         hook(self.step, result)
                     if self.step % self.cfg.log_every == 0 or self.step == total:
                         scalars = window.scalars() if window.steps else {}
                         if self.cfg.skip_nonfinite:
                             scalars["train/skipped_steps"] = self.position.skipped
-                        bar.set_postfix(loss=f"{scalars.get('train/loss', math.nan):.4f}", epoch=epoch)
+                        progress.postfix(loss=f"{scalars.get('train/loss', math.nan):.4f}", epoch=epoch)
                         self._log(scalars)
                         self.final.update(scalars)
                         window.reset()
                 validate_and_log(self.engine, self.val_loader, self.logger, self.final, epoch, self.step)
                 if self.step >= total:
                     break
+        finally:
+            progress.close()
         self.final["time/total_s"] = time.perf_counter() - started
         return self.final
 

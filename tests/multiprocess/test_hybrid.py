@@ -13,6 +13,7 @@ import torch
 
 from helpers.events import read_scalars
 from helpers.launching import launch, ok
+from helpers.progress import REPORT_OFTEN, assert_reports_to_the_end
 from rpc_train.config.compose import compose
 from rpc_train.config.schema import as_dict
 from rpc_train.hybrid.local import train_clicks_locally
@@ -38,9 +39,10 @@ def assert_same_state(got: dict, want: dict, atol: float = 1e-5) -> None:
                  id="table-2-servers-rowwise-adagrad", marks=pytest.mark.slow),
 ])
 def test_sync_hybrid_ends_where_one_process_at_the_summed_batch_ends(tmp_path, nproc, setup):
-    overrides = [*SHORT, *setup]
+    overrides = [*SHORT, *setup, *REPORT_OFTEN]
     run = tmp_path / "run"
-    ok(launch(overrides, run, NPROC=str(nproc)))
+    result = ok(launch(overrides, run, NPROC=str(nproc)))
+    assert_reports_to_the_end(result.stdout + result.stderr, 12, at_least=1)  # output to a pipe: plain lines
     cfg = compose(overrides)
     trainers = nproc - 1 - cfg.hybrid.servers
     want, metrics = train_clicks_locally(cfg, batch_size=trainers * cfg.trainer.batch_size)

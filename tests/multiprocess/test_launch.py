@@ -1,6 +1,7 @@
 """End to end: ./launch.sh starts torchrun, 3 RPC processes train the smoke preset."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from hydra.utils import instantiate
 
 from rpc_train.config.compose import compose
 from helpers.events import event_tags, read_scalars
-from helpers.launching import SMOKE
+from helpers.launching import REPO, SMOKE, launch_env
+from helpers.progress import LINE, REPORT_OFTEN, assert_reports_to_the_end, run_in_terminal
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -117,3 +119,17 @@ def test_run_is_warning_free(smoke_run):
     _, result = smoke_run
     output = result.stdout + result.stderr
     assert "Warning" not in output, output[-3000:]
+
+
+def test_a_run_logged_to_a_pipe_reports_progress_in_plain_lines(smoke_run):
+    run_dir, result = smoke_run  # launched with its output to pipes, as CI, nohup or Slurm would
+    assert_reports_to_the_end(result.stdout + result.stderr, 20)
+    assert_reports_to_the_end((run_dir / "rank0.log").read_text(), 20)  # and in the driver's log file
+
+
+def test_a_run_on_a_terminal_shows_the_bar_and_no_plain_lines(tmp_path):
+    status, output = run_in_terminal([str(REPO / "launch.sh"), *SMOKE, *REPORT_OFTEN],
+                                     launch_env(tmp_path / "run"), REPO, timeout=180)
+    assert status == 0, output[-3000:]
+    assert "\r" in output and re.search(r"train: +100%\|.*\| 20/20", output), output[-3000:]
+    assert LINE.search(output) is None

@@ -13,6 +13,7 @@ import torch
 from rpc_train.config.compose import compose
 from helpers.events import event_tags, read_scalars
 from helpers.launching import launch, REPO
+from helpers.progress import REPORT_OFTEN, assert_reports_to_the_end
 from helpers.reference import initial_state, train_locally
 from rpc_train.training.local import LocalEngine
 
@@ -63,7 +64,7 @@ def test_sync_matches_single_process_with_trainers_times_the_batch(tmp_path):
 @pytest.fixture(scope="module")
 def async_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("async") / "run"
-    result = launch(ASYNC, run_dir, NPROC="5")
+    result = launch(ASYNC + REPORT_OFTEN, run_dir, NPROC="5")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir, result
 
@@ -74,6 +75,11 @@ def test_async_run_learns_the_digits(async_run):
     assert scalars["val/accuracy"][-1][1] > 0.5  # chance is 0.1
     losses = [value for _, value in scalars["train/loss"]]
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_async_run_reports_progress_in_plain_lines_to_a_pipe(async_run):
+    run_dir, result = async_run
+    assert_reports_to_the_end(result.stdout + result.stderr, 60)
 
 
 def test_async_run_logs_trainers_servers_and_staleness(async_run):
