@@ -118,7 +118,7 @@ def write_traces(run_dir: str, step: int, traces: Dict[str, dict]) -> str:
 class ProfileHook:
     """A Trainer hook: profile step `step` on every rank of `engine` (after step-1 ends, it
     starts; after step ends, it stops and writes). The run goes from `first_step` to `last_step`.
-    A validation that ends step-1's epoch runs after the hooks, so it is in the trace too."""
+    A validation that ends step-1's epoch runs before step-1's hooks, so it is not in the trace."""
 
     def __init__(self, engine, run_dir: str, step: Optional[int], first_step: int, last_step: int):
         self.engine, self.run_dir, self.step = engine, run_dir, step

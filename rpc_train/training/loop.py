@@ -66,10 +66,11 @@ def evaluate(engine: Evaluator, val_loader: DataLoader) -> Dict[str, float]:
 
 def validate_and_log(engine: Evaluator, val_loader: DataLoader, logger: Optional[RunLogger], final: Dict[str, float],
                      epoch: int, step: int) -> None:
-    """Evaluate at an epoch's end, say so, log it (flushed), and record it in `final`."""
+    """Evaluate at an epoch's end (`epoch` counted from 0), say so, log it (flushed), and record
+    it in `final`."""
     scalars = evaluate(engine, val_loader)
     log.info("epoch %d step %d: val loss %.4f, val accuracy %.4f",
-             epoch, step, scalars["val/loss"], scalars["val/accuracy"])
+             epoch + 1, step, scalars["val/loss"], scalars["val/accuracy"])
     if logger:
         logger.scalars(step, scalars)
         logger.flush()
@@ -120,23 +121,38 @@ class Trainer:
                     self.step += 1
                     self.position.batch += 1
                     progress.update(self.step, len(y), result.loss if applied else None, epoch)
+                    if self.position.batch == len(self.train_loader) or self.step == total:
+                        self._end_epoch(epoch)
                     for hook in self.hooks:
                         hook(self.step, result)
                     if self.step % self.cfg.log_every == 0 or self.step == total:
                         scalars = window.scalars() if window.steps else {}
                         if self.cfg.skip_nonfinite:
                             scalars["train/skipped_steps"] = self.position.skipped
-                        progress.postfix(loss=f"{scalars.get('train/loss', math.nan):.4f}", epoch=epoch)
+                        progress.postfix(loss=f"{scalars.get('train/loss', math.nan):.4f}", epoch=epoch + 1)
                         self._log(scalars)
                         self.final.update(scalars)
                         window.reset()
-                validate_and_log(self.engine, self.val_loader, self.logger, self.final, epoch, self.step)
                 if self.step >= total:
                     break
         finally:
             progress.close()
+        if "val/loss" not in self.final:  # resumed at the run's end: validated and logged before
+            self.final.update(evaluate(self.engine, self.val_loader))
         self.final["time/total_s"] = time.perf_counter() - started
         return self.final
+
+    def _end_epoch(self, epoch: int) -> None:
+        """Validate after an epoch's (or the run's) last step, before that step's hooks, so a
+        checkpoint written there resumes after the validation instead of logging it again; an
+        epoch run to its end moves the position to the next one."""
+        validate_and_log(self.engine, self.val_loader, self.logger, self.final, epoch, self.step)
+        if self.position.batch == len(self.train_loader):
+            # The loader drew this epoch's order from its generator when the epoch began, so the
+            # generator now stands where the next epoch begins.
+            generator = self.train_loader.generator
+            self.position.epoch, self.position.batch = epoch + 1, 0
+            self.position.loader_state = generator.get_state() if generator is not None else None
 
     def _batches(self, epoch: int) -> Iterable:
         """This epoch's batches, less those a resumed run already trained on.

@@ -230,8 +230,10 @@ class Snapshot:
                                         self.engine.optimizer.state_dict()))
 
 
-@pytest.mark.parametrize("stop_at", [7, 20, 33])  # mid-epoch, at an epoch's end (20 batches), in epoch 2
-def test_a_trainer_started_from_a_position_sees_the_same_batches(stop_at):
+def _train_and_resume(stop_at: int):
+    """Train 40 steps (two epochs of 20) while snapshotting what a checkpoint at `stop_at`
+    holds, then resume a fresh engine from it; (the full run's engine, the resumed engine,
+    the resumed Trainer's final metrics)."""
     cfg = compose(SMOKE + ["trainer.max_steps=40", "trainer.log_every=100"])
 
     def engine_and_loaders():
@@ -248,9 +250,25 @@ def test_a_trainer_started_from_a_position_sees_the_same_batches(stop_at):
     resumed, train_loader, val_loader = engine_and_loaders()
     resumed.model.load_state_dict(model_state)
     resumed.optimizer.load_state_dict(optim_state)
-    Trainer(resumed, train_loader, val_loader, cfg.trainer, start=position).fit()
+    final = Trainer(resumed, train_loader, val_loader, cfg.trainer, start=position).fit()
+    return engine, resumed, final
+
+
+@pytest.mark.parametrize("stop_at", [7, 20, 33])  # mid-epoch, at an epoch's end (20 batches), in epoch 2
+def test_a_trainer_started_from_a_position_sees_the_same_batches(stop_at):
+    engine, resumed, _ = _train_and_resume(stop_at)
     for name, value in engine.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("stop_at, validated", [(20, ["epoch 2 step 40"]), (40, [])])
+def test_a_run_resumed_at_an_epochs_end_does_not_validate_that_epoch_again(caplog, stop_at, validated):
+    """The epoch's validation runs before the step's hooks, so a checkpoint there holds it done."""
+    with caplog.at_level(logging.INFO, logger="rpc_train.training.loop"):
+        _, _, final = _train_and_resume(stop_at)
+    lines = [r.getMessage().split(":")[0] for r in caplog.records if "val loss" in r.getMessage()]
+    assert lines == ["epoch 1 step 20", "epoch 2 step 40"] + validated
+    assert "val/loss" in final  # resumed at the run's end: the final metrics still have it
 
 
 @pytest.mark.parametrize("override, needle", [
