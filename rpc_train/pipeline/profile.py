@@ -9,15 +9,22 @@ The traces come back to the driver, which writes one per rank and a merged one u
 `<run dir>/profile/step_N/`. Kineto's timestamps are on each process's own clock; a marker
 event recorded at a known wall-clock time puts every trace on the wall clock, which
 processes of one machine share (across machines, as closely as their clocks agree).
+
+Kineto prints a few lines straight to each process's stderr whenever a profiler starts or
+stops, on every rank: harmless, but they read as errors. They are filtered out (KINETO_NOISE);
+anything else written to stderr meanwhile is passed on.
 """
 
 import json
 import logging
 import os
+import re
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Optional
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional
 
 from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -26,6 +33,38 @@ from rpc_train.config.errors import ConfigError
 log = logging.getLogger(__name__)
 
 CLOCK_MARK = "rpc_train/wall_clock"
+
+# What Kineto writes to fd 2 on a profiler's start and stop (torch 2.11-2.14), none of which
+# means anything went wrong: the thread check of its init callback (our profiler runs on a
+# thread of its own on purpose), its USDT probe points, and, on a machine without a CUDA
+# driver, the failed GPU count (35: cudaErrorInsufficientDriver).
+KINETO_NOISE = re.compile(r"ERROR: External init callback must run in same thread as registerClient"
+                          r"|USDT:.*\] profiler_(start|stop)$"
+                          r"|ERROR:.*\] gpuGetDeviceCount failed with code 35$")
+
+
+@contextmanager
+def without_kineto_noise() -> Iterator[None]:
+    """Run with this process's fd 2 in a temporary file, then write back all but Kineto's noise.
+
+    Only around a profiler's start and stop (milliseconds): whatever another thread writes to
+    stderr meanwhile comes out a little late, never lost.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not KINETO_NOISE.match(line.rstrip("\n")))
+            if kept:
+                os.write(2, kept.encode())
 
 
 class RankProfiler:
@@ -47,15 +86,17 @@ class RankProfiler:
         from torch._C._profiler import _ExperimentalConfig
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
-        self._profile = profile(activities=activities,
-                                experimental_config=_ExperimentalConfig(profile_all_threads=True))
-        self._profile.start()
+        with without_kineto_noise():
+            self._profile = profile(activities=activities,
+                                    experimental_config=_ExperimentalConfig(profile_all_threads=True))
+            self._profile.start()
         with record_function(CLOCK_MARK):
             self._wall_us = time.time_ns() / 1e3
 
     def _stop(self) -> dict:
         prof, self._profile = self._profile, None
-        prof.stop()
+        with without_kineto_noise():
+            prof.stop()
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "trace.json")
             prof.export_chrome_trace(path)

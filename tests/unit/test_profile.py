@@ -3,12 +3,13 @@ and how every rank's trace lands on one clock."""
 
 import json
 import logging
+import os
 
 import pytest
 import torch
 
 from rpc_train.config.errors import ConfigError
-from rpc_train.pipeline.profile import ProfileHook, RankProfiler, merge
+from rpc_train.pipeline.profile import ProfileHook, RankProfiler, merge, without_kineto_noise
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -85,3 +86,13 @@ def test_merged_ranks_keep_their_processes_and_flow_ids_apart():
     names = {e["pid"]: e["args"]["name"] for e in events if e["ph"] == "M"}
     assert sorted(names.values()) == ["driver: python3", "worker1: python3"]
     assert sorted(e["id"] for e in events if e["ph"] == "s") == ["driver:7", "worker1:7"]
+
+
+def test_kinetos_known_lines_are_filtered_and_everything_else_passes(capfd):
+    with without_kineto_noise():
+        os.write(2, b"ERROR: External init callback must run in same thread as registerClient (67 != 17)\n")
+        os.write(2, b"USDT:2026-12-07 10:26:03 16983:17222 SyncActivityProfilerHandler.cpp:39] profiler_start\n")
+        os.write(2, b"ERROR:2026-12-07 10:26:04 16982:17225 DeviceProperties.cpp:56] gpuGetDeviceCount failed "
+                    b"with code 35\n")
+        os.write(2, b"ERROR: something else went wrong\n")
+    assert capfd.readouterr().err == "ERROR: something else went wrong\n"
