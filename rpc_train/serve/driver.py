@@ -17,7 +17,7 @@ import torch.distributed.rpc as rpc
 from omegaconf import DictConfig
 
 from rpc_train.config.errors import ConfigError
-from rpc_train.metrics.tensorboard import RunLogger
+from rpc_train.metrics.tensorboard import RunLogger, flat_hparams
 from rpc_train.pipeline.partition import plan_stages, stage_bounds
 from rpc_train.runtime.world import worker_name
 from rpc_train.checkpoint.store import sha256_of
@@ -90,7 +90,21 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
              " (TLS" + (", mutual)" if conf.tls.client_ca else ")") if conf.tls.cert else " (plaintext)",
              ", token required" if conf.auth_token_file else "",
              f", metrics on {conf.host}:{conf.metrics_port}" if conf.metrics_port else "")
-    report(stop, metrics, RunLogger(run_dir), conf.log_every_s, health, service)
+    logger, started = RunLogger(run_dir), time.monotonic()
+    logger.config(cfg)
+    try:
+        report(stop, metrics, logger, conf.log_every_s, health, service)
+        _drain_and_stop(conf, service, health, dispatcher, server, rrefs)
+    finally:
+        # The config and the session's totals, as a training run ends with its HParams.
+        logger.hparams(flat_hparams(cfg), metrics.totals(time.monotonic() - started))
+        logger.close()
+    return {}
+
+
+def _drain_and_stop(conf, service: InferenceService, health: HealthReporter, dispatcher: Dispatcher, server,
+                    rrefs) -> None:
+    """Answer what is queued and in flight, refuse what comes, stop gRPC, free the replicas."""
     log.info("draining: new requests get UNAVAILABLE, queued and in-flight ones are answered")
     service.draining = True
     health.update(False)
@@ -109,7 +123,6 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
         except RuntimeError:  # that worker is gone (torchrun is restarting the world): nothing to free
             pass
     log.info("stopped%s", "" if drained else " (some requests were still unanswered after the drain timeout)")
-    return {}
 
 
 def report(stop: threading.Event, metrics: ServeMetrics, logger: RunLogger, every_s: float, health: HealthReporter,
@@ -117,17 +130,14 @@ def report(stop: threading.Event, metrics: ServeMetrics, logger: RunLogger, ever
     """Until told to stop: readiness to the health service, and every `every_s` the window's
     scalars to TensorBoard (step: seconds since ready) and one line to the log."""
     started = next_report = time.monotonic()
-    try:
-        while not stop.wait(0.5):
-            health.update(service.ready())
-            if time.monotonic() >= next_report + every_s:
-                next_report = time.monotonic()
-                scalars = metrics.window()
-                logger.scalars(int(next_report - started), scalars)
-                logger.flush()
-                log.info(summary_line(scalars))
-    finally:
-        logger.close()
+    while not stop.wait(0.5):
+        health.update(service.ready())
+        if time.monotonic() >= next_report + every_s:
+            next_report = time.monotonic()
+            scalars = metrics.window()
+            logger.scalars(int(next_report - started), scalars)
+            logger.flush()
+            log.info(summary_line(scalars))
 
 
 def _stop_on_signals() -> threading.Event:

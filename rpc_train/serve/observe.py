@@ -95,6 +95,21 @@ class ServeMetrics:
             scalars[f"replica{r}/rows_in_flight"] = float(self._rows_in_flight(r))
         return scalars
 
+    def totals(self, seconds: float) -> Dict[str, float]:
+        """The whole session's figures, from the Prometheus counters: the HParams metrics."""
+        codes = {sample.labels["code"]: sample.value for sample in self.requests.collect()[0].samples
+                 if sample.name.endswith("_total")}
+        value = self.registry.get_sample_value
+        answered, latency_s = value(f"{PREFIX}_latency_seconds_count") or 0.0, value(f"{PREFIX}_latency_seconds_sum")
+        batches, rows = value(f"{PREFIX}_batch_rows_count") or 0.0, value(f"{PREFIX}_batch_rows_sum")
+        out = {"serve/requests": sum(codes.values()), "serve/requests_ok": codes.get("OK", 0.0),
+               "serve/requests_per_s": sum(codes.values()) / max(seconds, 1e-9)}
+        if answered:
+            out["serve/latency_ms_mean"] = 1e3 * latency_s / answered
+        if batches:
+            out["serve/batch_size_mean"] = rows / batches
+        return out
+
     def serve_http(self, host: str, port: int):
         """/metrics on host:port, in a thread of its own."""
         return start_http_server(port, addr=host, registry=self.registry)

@@ -20,3 +20,13 @@ def read_scalars(run_dir: Path) -> Dict[str, List[tuple]]:
 
 def event_tags(run_dir: Path) -> Dict[str, list]:
     return _accumulator(run_dir).Tags()
+
+
+def hparams_of(run_dir: Path) -> Dict[str, object]:
+    """The HParams dashboard's settings of the run (its session start info), by name."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = _accumulator(run_dir).PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    return {name: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
+            for name, value in start.session_start_info.hparams.items()}

@@ -15,6 +15,7 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from helpers.events import event_tags, hparams_of, read_scalars
 from helpers.launching import launch, ok
 from helpers.serving import Load, ServingJob, digits_rows, served_reference, triton_input
 
@@ -186,6 +187,11 @@ def test_sigterm_drains_answers_everything_and_exits_0(trained, tmp_path):
     codes = set(load.codes())
     assert codes == {"OK", "StatusCode.UNAVAILABLE"}, codes  # answered, then refused: none cut
     assert "draining" in job.log()
+    # The session ends with its HParams, as a training run does: the config and its totals.
+    assert hparams_of(job.run_dir)["serve.max_batch_size"] == 32
+    totals = read_scalars(job.run_dir)
+    assert totals["hparam/serve/requests_ok"][-1][1] == load.codes().count("OK")
+    assert "config/text_summary" in event_tags(job.run_dir)["tensors"]
 
 
 @pytest.mark.parametrize("args, nproc, needle", [
