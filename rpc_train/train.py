@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from rpc_train.config.compose import CONF_DIR
+from rpc_train.config.compose import CONF_DIR, check_override_syntax
 from rpc_train.config.schema import register_configs
 from rpc_train.config.errors import ConfigError, RunFailure
 from rpc_train.config.validate import validate
@@ -84,6 +84,12 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_override_syntax(sys.argv[1:])
+    except ConfigError as err:  # a bad override reads the same on every rank: one per machine says so
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if os.environ.get("RANK", "0") != "0":
         # All ranks share one run dir; only the driver writes the .hydra/ config record there.
         sys.argv.append("hydra.output_subdir=null")

@@ -1,4 +1,4 @@
-"""Tiny datasets written in the real on-disk formats torchvision reads, for tests.
+"""Tiny datasets written in the real on-disk formats torchvision (and the Criteo reader) reads, for tests.
 
 Loading these through the real torchvision classes tests our layout and label handling
 without a download. MNIST-family files load through `rpc_train.data.datasets.load_datasets` as they
@@ -75,6 +75,13 @@ def write_cifar10(root: str, per_batch: int = 4, n_test: int = 4, seed: int = 0)
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     _pickle_py2(os.path.join(folder, "batches.meta"), {"num_cases_per_batch": per_batch, "label_names": names, "num_vis": 3072})
     return np.concatenate(train_images), np.array(train_labels, dtype=np.int64)
+
+
+def criteo_line(label="1", ints=None, cats=None) -> str:
+    """One line of Criteo's Display Advertising TSV: label, 13 integers, 26 hexadecimal categoricals."""
+    ints = ints if ints is not None else [str(i) for i in range(13)]
+    cats = cats if cats is not None else [f"{0x68fd1e64 + t:08x}" for t in range(26)]
+    return "\t".join([label, *ints, *cats]) + "\n"
 
 
 def cifar10_md5s(root: str) -> dict[str, str]:

@@ -5,17 +5,12 @@ import math
 import pytest
 import torch
 
+from helpers.datasets import criteo_line
 from rpc_train.config.compose import compose
 from rpc_train.config.errors import ConfigError
 from rpc_train.data.clicks import check_indices, load_clicks, make_synthetic_clicks, read_criteo
 
 ROWS = [1000 + t for t in range(26)]  # distinct sizes, so a value's row differs by table
-
-
-def criteo_line(label="1", ints=None, cats=None) -> str:
-    ints = ints if ints is not None else [str(i) for i in range(13)]
-    cats = cats if cats is not None else [f"{0x68fd1e64 + t:08x}" for t in range(26)]
-    return "\t".join([label, *ints, *cats]) + "\n"
 
 
 def test_criteo_lines_parse_with_log_integers_hashed_categoricals_and_empty_fields(tmp_path):
