@@ -13,10 +13,19 @@
 #   MAX_RESTARTS   times torchrun restarts the whole group after a rank fails (default 0); each
 #                  restart resumes from the run's newest checkpoint (checkpoint.resume=auto)
 #   PYTHON         interpreter to use (default python3)
+#   LAUNCH_DRY_RUN 1: check the values and the config, print the run dir and the torchrun command
+#                  line, and start nothing (exit 0)
 # Exit status: 0 when every rank succeeded, 2 for a bad value found before any process starts,
 # otherwise non-zero (a configuration error found mid-run, by the driver, exits 1).
 # With mode=serve, SIGTERM or Ctrl-C drains the front end and every rank exits 0.
 set -euo pipefail
+
+die() { echo "error: $*" >&2; exit 2; }
+
+is_count() { [[ $1 =~ ^[0-9]+$ ]] && (( $1 >= 1 )); }
+
+LAUNCH_DRY_RUN=${LAUNCH_DRY_RUN:-0}
+[[ $LAUNCH_DRY_RUN == [01] ]] || die "LAUNCH_DRY_RUN=$LAUNCH_DRY_RUN: must be 0 (launch) or 1 (print the command only)"
 
 NPROC=${NPROC:-3}
 NNODES=${NNODES:-1}
@@ -24,9 +33,6 @@ NODE_RANK=${NODE_RANK:-0}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 PYTHON=${PYTHON:-python3}
 
-die() { echo "error: $*" >&2; exit 2; }
-
-is_count() { [[ $1 =~ ^[0-9]+$ ]] && (( $1 >= 1 )); }
 is_count "$NPROC" || die "NPROC=$NPROC: must be a positive integer (processes on this machine)"
 is_count "$NNODES" || die "NNODES=$NNODES: must be a positive integer (machines in the job)"
 if ! [[ $NODE_RANK =~ ^[0-9]+$ ]] || (( NODE_RANK >= NNODES )); then
@@ -53,23 +59,7 @@ for arg in "$@"; do
   fi
 done
 
-# Check the config once, here, before any rank starts (one line and exit 2 on a bad value).
-WORLD_SIZE=$((NPROC * NNODES)) "$PYTHON" -m rpc_train.preflight "$@"
-
-# One run dir for all ranks, made here: two launches in the same second still get two.
-if [[ -z ${RUN_DIR:-} ]]; then
-  day=outputs/$(date +%Y-%m-%d)
-  mkdir -p "$day"
-  RUN_DIR=$(mktemp -d "$day/$(date +%H-%M-%S)-XXXXXX")
-fi
-mkdir -p "$RUN_DIR"
-
-# Each rank sets its own intra-op thread count (runtime.threads); this only quiets torchrun.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# A fresh rendezvous store per attempt: torchrun's shared one keeps the failed attempt's keys,
-# and a restarted group's init_rpc reads them and hangs (pytorch/pytorch#135712).
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-
+# One machine: torchrun's standalone rendezvous on a free local port. Several: the c10d one.
 if (( NNODES == 1 )); then
   rdzv=(--standalone)
 else
@@ -77,9 +67,36 @@ else
   rdzv=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT")
 fi
 
-echo "rpc_train: run dir $RUN_DIR" >&2
+# Check the config once, here, before any rank starts (one line and exit 2 on a bad value).
+WORLD_SIZE=$((NPROC * NNODES)) "$PYTHON" -m rpc_train.preflight "$@"
+
+# One run dir for all ranks, made here: two launches in the same second still get two. A dry
+# run makes nothing (mktemp -u only names one).
+if [[ -z ${RUN_DIR:-} ]]; then
+  day=outputs/$(date +%Y-%m-%d)
+  if (( LAUNCH_DRY_RUN )); then
+    RUN_DIR=$(mktemp -d -u "$day/$(date +%H-%M-%S)-XXXXXX")
+  else
+    mkdir -p "$day"
+    RUN_DIR=$(mktemp -d "$day/$(date +%H-%M-%S)-XXXXXX")
+  fi
+fi
+(( LAUNCH_DRY_RUN )) || mkdir -p "$RUN_DIR"
+
+# Each rank sets its own intra-op thread count (runtime.threads); this only quiets torchrun.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# A fresh rendezvous store per attempt: torchrun's shared one keeps the failed attempt's keys,
+# and a restarted group's init_rpc reads them and hangs (pytorch/pytorch#135712).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
 run=("$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS"
      -m rpc_train.train "hydra.run.dir=$RUN_DIR" "$@")
+if (( LAUNCH_DRY_RUN )); then
+  echo "run dir: $RUN_DIR"
+  printf 'command:'; printf ' %q' "${run[@]}"; echo
+  exit 0
+fi
+echo "rpc_train: run dir $RUN_DIR" >&2
 
 serving=0
 for arg in "$@"; do [[ $arg == mode=serve ]] && serving=1; done
