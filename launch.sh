@@ -13,8 +13,12 @@
 #   MAX_RESTARTS   times torchrun restarts the whole group after a rank fails (default 0); each
 #                  restart resumes from the run's newest checkpoint (checkpoint.resume=auto)
 #   PYTHON         interpreter to use (default python3)
+#   RDZV_PORT      port of the rendezvous that launch.sh names under Slurm (default 29500)
 #   LAUNCH_DRY_RUN 1: check the values and the config, print the run dir and the torchrun command
 #                  line, and start nothing (exit 0)
+# Inside a Slurm job (srun starts launch.sh once per node: docs/slurm.sbatch, docs/slurm.md), what
+# is not set comes from the allocation: NNODES=$SLURM_NNODES, NODE_RANK=$SLURM_NODEID,
+# RDZV_ENDPOINT=<first host of the step's nodes>:$RDZV_PORT, RUN_DIR=outputs/slurm-$SLURM_JOB_ID.
 # Exit status: 0 when every rank succeeded, 2 for a bad value found before any process starts,
 # otherwise non-zero (a configuration error found mid-run, by the driver, exits 1).
 # With mode=serve, SIGTERM or Ctrl-C drains the front end and every rank exits 0.
@@ -24,8 +28,50 @@ die() { echo "error: $*" >&2; exit 2; }
 
 is_count() { [[ $1 =~ ^[0-9]+$ ]] && (( $1 >= 1 )); }
 
+RDZV_PORT=${RDZV_PORT:-29500}
 LAUNCH_DRY_RUN=${LAUNCH_DRY_RUN:-0}
 [[ $LAUNCH_DRY_RUN == [01] ]] || die "LAUNCH_DRY_RUN=$LAUNCH_DRY_RUN: must be 0 (launch) or 1 (print the command only)"
+
+# Inside a Slurm job the allocation fills in what is not set. srun sets SLURM_NNODES and
+# SLURM_NODEID per job step, so the rendezvous host is taken from the step's node list too.
+in_slurm=0
+if [[ -n ${SLURM_JOB_ID:-} && -n ${SLURM_NNODES:-} ]]; then
+  in_slurm=1
+  if [[ -z ${NNODES:-} ]]; then
+    # Without srun (in an sbatch script or a salloc shell) this node would be the only one to
+    # join and would wait out the rendezvous timeout; two tasks on a node would share a rank.
+    if (( SLURM_NNODES > 1 )) && [[ -z ${SLURM_STEP_ID:-} ]]; then
+      die "SLURM_NNODES=$SLURM_NNODES outside a job step:" \
+          "start launch.sh once per node with srun --ntasks-per-node=1 (see docs/slurm.sbatch)"
+    fi
+    step_nodes=${SLURM_STEP_NUM_NODES:-$SLURM_NNODES}
+    if [[ -n ${SLURM_STEP_NUM_TASKS:-} && $SLURM_STEP_NUM_TASKS != "$step_nodes" ]]; then
+      die "SLURM_STEP_NUM_TASKS=$SLURM_STEP_NUM_TASKS on $step_nodes nodes:" \
+          "launch.sh runs once per node (srun --ntasks-per-node=1)"
+    fi
+  fi
+  NNODES=${NNODES:-$SLURM_NNODES}
+  NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
+  # The nodes agree on one run dir without talking (on a shared filesystem: docs/slurm.md).
+  RUN_DIR=${RUN_DIR:-outputs/slurm-$SLURM_JOB_ID}
+fi
+
+# host:port of the rendezvous in a Slurm job: the step's first node hosts it, so every node names
+# the same one without talking. Slurm compresses node lists (node[07-08]); scontrol expands them.
+slurm_rendezvous() {
+  local var=SLURM_STEP_NODELIST hosts
+  if ! is_count "$RDZV_PORT" || (( RDZV_PORT > 65535 )); then
+    die "RDZV_PORT=$RDZV_PORT: must be a port number from 1 to 65535 (the rendezvous on the first node)"
+  fi
+  [[ -n ${SLURM_STEP_NODELIST:-} ]] || var=SLURM_JOB_NODELIST
+  [[ -n ${!var:-} ]] || die "SLURM_JOB_NODELIST is not set: no rendezvous host (set RDZV_ENDPOINT=host:port)"
+  command -v scontrol >/dev/null ||
+    die "scontrol not found on PATH: it expands $var=${!var} into the rendezvous host" \
+        "(or set RDZV_ENDPOINT=host:port)"
+  hosts=$(scontrol show hostnames "${!var}" 2>&1) ||
+    die "scontrol show hostnames ${!var} ($var) failed: ${hosts##*$'\n'}"
+  echo "${hosts%%$'\n'*}:$RDZV_PORT"
+}
 
 NPROC=${NPROC:-3}
 NNODES=${NNODES:-1}
@@ -63,6 +109,9 @@ done
 if (( NNODES == 1 )); then
   rdzv=(--standalone)
 else
+  if [[ -z ${RDZV_ENDPOINT:-} ]] && (( in_slurm )); then
+    RDZV_ENDPOINT=$(slurm_rendezvous) || exit 2
+  fi
   [[ -n ${RDZV_ENDPOINT:-} ]] || die "NNODES=$NNODES needs RDZV_ENDPOINT=host:port (the c10d rendezvous)"
   rdzv=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT")
 fi
