@@ -16,7 +16,9 @@ def launch_env(run_dir: Path, **env: str) -> dict:
     """The environment of a launch: the run dir pinned, and `helpers` importable on every rank
     (the fault drills' step hooks live there)."""
     path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "RUN_DIR": str(run_dir), "PYTHON": sys.executable, "PYTHONPATH": path, **env}
+    # Run inside a Slurm job, launch.sh would take that job's layout (nodes, rendezvous, run dir).
+    outer = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return {**outer, "RUN_DIR": str(run_dir), "PYTHON": sys.executable, "PYTHONPATH": path, **env}
 
 
 def launch(args: List[str], run_dir: Path, timeout: float = 180, cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess:
