@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from collections import defaultdict
-from typing import Callable, Dict, Iterable, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence
 
 from torch.utils.data import DataLoader
 
@@ -110,7 +110,8 @@ class Trainer:
                             enabled=self.cfg.progress)
         try:
             for epoch in range(self.position.epoch, self.cfg.epochs):
-                for x, y in self._batches(epoch):
+                batches = iter(self._batches(epoch))
+                for x, y in batches:
                     if self.step >= total:
                         break
                     t0 = time.perf_counter()
@@ -122,7 +123,7 @@ class Trainer:
                     self.position.batch += 1
                     progress.update(self.step, len(y), result.loss if applied else None, epoch)
                     if self.position.batch == len(self.train_loader) or self.step == total:
-                        self._end_epoch(epoch)
+                        self._end_epoch(epoch, batches)
                     for hook in self.hooks:
                         hook(self.step, result)
                     if self.step % self.cfg.log_every == 0 or self.step == total:
@@ -142,17 +143,19 @@ class Trainer:
         self.final["time/total_s"] = time.perf_counter() - started
         return self.final
 
-    def _end_epoch(self, epoch: int) -> None:
+    def _end_epoch(self, epoch: int, batches: Iterator) -> None:
         """Validate after an epoch's (or the run's) last step, before that step's hooks, so a
         checkpoint written there resumes after the validation instead of logging it again; an
         epoch run to its end moves the position to the next one."""
-        validate_and_log(self.engine, self.val_loader, self.logger, self.final, epoch, self.step)
         if self.position.batch == len(self.train_loader):
-            # The loader drew this epoch's order from its generator when the epoch began, so the
-            # generator now stands where the next epoch begins.
+            # Run the epoch's loader to its end now: RandomSampler draws from the generator once
+            # more when it runs out, and the next epoch begins from the state after that draw.
+            for _ in batches:
+                raise RuntimeError("the training loader gave more batches than its len()")
             generator = self.train_loader.generator
             self.position.epoch, self.position.batch = epoch + 1, 0
             self.position.loader_state = generator.get_state() if generator is not None else None
+        validate_and_log(self.engine, self.val_loader, self.logger, self.final, epoch, self.step)
 
     def _batches(self, epoch: int) -> Iterable:
         """This epoch's batches, less those a resumed run already trained on.
