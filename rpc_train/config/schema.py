@@ -208,6 +208,12 @@ class DataConf:
     # file under `root` that data=criteo reads.
     table_rows: Optional[List[int]] = None
     file: str = "train.txt"
+    # data=imagefolder: the side of the square images its transforms make; data.shape follows it.
+    image_size: Optional[int] = None
+    # `_target_` nodes of the per-sample transforms of training and validation samples
+    # (rpc_train/loader/transforms.py), built on whichever process decodes them; null: none.
+    train_transform: Any = None
+    val_transform: Any = None
 
 
 @dataclass

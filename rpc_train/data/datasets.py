@@ -34,11 +34,7 @@ def load_datasets(data, seed: int) -> tuple[TensorDataset, TensorDataset]:
     check_available(data)
     inputs, labels = _load_raw(data, seed)
     _check_matches_conf(data, inputs, labels)
-    train_idx, val_idx = split_indices(len(labels), data.val_fraction, seed)
-    if data.limit is not None:
-        if data.limit < 1:
-            raise ConfigError(f"data.limit={data.limit} must be at least 1 (or null for all)")
-        train_idx = train_idx[: data.limit]
+    train_idx, val_idx = split_train_val(data, len(labels), seed)
     # Index before normalising: with a limit, a smoke run on CIFAR converts only what it keeps.
     return (
         TensorDataset(normalise(data.name, inputs[train_idx]), labels[train_idx]),
@@ -111,6 +107,17 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
     return order[n_val:], order[:n_val]
 
 
+def split_train_val(data, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices of `n` samples: the seeded `data.val_fraction` split, then the
+    first `data.limit` training samples (null keeps all)."""
+    train_idx, val_idx = split_indices(n, data.val_fraction, seed)
+    if data.limit is not None:
+        if data.limit < 1:
+            raise ConfigError(f"data.limit={data.limit} must be at least 1 (or null for all)")
+        train_idx = train_idx[: data.limit]
+    return train_idx, val_idx
+
+
 def normalise(name: str, inputs: torch.Tensor) -> torch.Tensor:
     """Raw pixels -> float32 standardised per channel; synthetic data is already standard."""
     if name not in CHANNEL_STATS:
@@ -141,6 +148,10 @@ def _load_raw(data, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _load_digits()
     if data.name == "synthetic":
         return make_synthetic(data.size, data.shape, data.num_classes, seed)
+    if data.name == "imagefolder":
+        # Files of any size and number: decoded and augmented per sample, never held whole in memory.
+        raise ConfigError("data=imagefolder is decoded one sample at a time by the data service (rpc_train/loader); "
+                          "load_datasets holds only in-memory datasets: digits, mnist, fashion_mnist, cifar10, synthetic")
     # Imported here: `import torchvision` takes seconds and the default digits run needs none of it.
     import torchvision
 

@@ -10,13 +10,16 @@ later inside torchvision for a missing file:
 - CIFAR10 (`CIFAR10._check_integrity`, `_load_meta`) needs `data_batch_1..5`, `test_batch` and
   `batches.meta` in `<root>/cifar-10-batches-py/`. torchvision also md5-checks them; that takes
   a read of 170 MB, so it is left to loading time (`data.load_datasets` reports it).
+- ImageFolder (`find_classes`, `make_dataset`): every sub-folder of root is a class, and each
+  needs at least one file (searched recursively, links followed) whose name ends with one of
+  `IMG_EXTENSIONS`, compared in lower case.
 """
 
 import os
 
 from rpc_train.config.errors import ConfigError
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic", "criteo", "synthetic_clicks")
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic", "imagefolder", "criteo", "synthetic_clicks")
 CLICK_DATASETS = ("criteo", "synthetic_clicks")  # mode=hybrid's, read by data/clicks.py
 
 # Datasets that are generated or bundled with a package, so never need files.
@@ -35,6 +38,9 @@ _MNIST_LEGACY_FILES = ("training.pt", "test.pt")
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta")
 
+# torchvision.datasets.folder.IMG_EXTENSIONS, copied to stay stdlib (a test compares the two).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
 
 def check_available(data) -> None:
     """Raise ConfigError (one line) if `data` names an unknown dataset or lacks its files.
@@ -44,6 +50,9 @@ def check_available(data) -> None:
     """
     if data.name not in DATASETS:
         raise ConfigError(f"data.name={data.name!r} is not a dataset; valid: {', '.join(DATASETS)}")
+    if data.name == "imagefolder":  # never downloaded, whatever data.download says
+        check_imagefolder(data)
+        return
     if data.download or data.name in _NO_FILES:
         return
     # torchvision expands ~ itself; abspath only makes the message say where a relative root led.
@@ -88,3 +97,40 @@ def _missing_mnist(root: str, class_name: str) -> tuple[str, list[str]]:
 def _missing_cifar10(root: str) -> tuple[str, list[str]]:
     folder = os.path.join(root, CIFAR10_FOLDER)
     return folder, [f for f in CIFAR10_FILES if not os.path.isfile(os.path.join(folder, f))]
+
+
+def check_imagefolder(data) -> None:
+    """data=imagefolder's folder, its class folders, an image in each, and the settings that follow them.
+
+    Stops at the first image of each class, so it costs one directory read per class, not a scan.
+    """
+    root = os.path.abspath(os.path.expanduser(data.root))
+    if not os.path.isdir(root):
+        raise ConfigError(f"data=imagefolder: no folder {root} (data.root={data.root}); set data.root to the "
+                          "folder holding one sub-folder of images per class")
+    # torchvision's find_classes: every sub-folder, sorted, is a class; the label is its position.
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not classes:
+        raise ConfigError(f"data=imagefolder: no class folders in {root} (data.root={data.root}); put each "
+                          "class's images in a sub-folder of its own, <root>/<class>/<image>")
+    for name in classes:
+        if not _holds_image(os.path.join(root, name)):
+            raise ConfigError(f"data=imagefolder: class folder {os.path.join(root, name)} holds no image; "
+                              f"accepted extensions: {', '.join(IMAGE_EXTENSIONS)}; add images or remove it")
+    if data.num_classes != len(classes):
+        raise ConfigError(f"data.num_classes={data.num_classes} does not match the {len(classes)} class folders "
+                          f"in {root}; set data.num_classes={len(classes)}")
+    size = data.image_size
+    if not isinstance(size, int) or size < 1:
+        raise ConfigError(f"data.image_size={size}: must be a positive number of pixels (the side of the crops)")
+    if list(data.shape) != [3, size, size]:
+        # Models are built from data.shape; the transforms make [3, image_size, image_size].
+        raise ConfigError(f"data.shape={list(data.shape)} does not match data.image_size={size}; drop the "
+                          f"override or set data.shape=[3,{size},{size}]")
+
+
+def _holds_image(folder: str) -> bool:
+    for _, _, names in os.walk(folder, followlinks=True):  # as make_dataset walks a class folder
+        if any(name.lower().endswith(IMAGE_EXTENSIONS) for name in names):
+            return True
+    return False

@@ -1,5 +1,7 @@
 """Tiny datasets written in the real on-disk formats torchvision (and the Criteo reader) reads, for tests.
 
+Image folders are real JPEG, PNG and BMP files that PIL writes.
+
 Loading these through the real torchvision classes tests our layout and label handling
 without a download. MNIST-family files load through `rpc_train.data.datasets.load_datasets` as they
 are. CIFAR-10 files cannot: torchvision checks each file's md5 against the official 170 MB
@@ -75,6 +77,42 @@ def write_cifar10(root: str, per_batch: int = 4, n_test: int = 4, seed: int = 0)
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     _pickle_py2(os.path.join(folder, "batches.meta"), {"num_cases_per_batch": per_batch, "label_names": names, "num_vis": 3072})
     return np.concatenate(train_images), np.array(train_labels, dtype=np.int64)
+
+
+IMAGE_SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp"}
+
+
+def write_imagefolder(root: str, classes: int = 3, per_class: int = 4, size=(40, 32), seed: int = 0,
+                      fmt: str = "JPEG") -> dict[str, tuple[int, np.ndarray]]:
+    """Write `<root>/class<k>/img<i>.<ext>` image files with PIL; return {path: (class index, pixels)}.
+
+    Pixels are seeded uint8 RGB [height, width, 3] (`size` is PIL's (width, height)); PNG and BMP
+    decode to exactly them, JPEG to something close. `fmt`: JPEG, PNG, BMP, or "mixed" to
+    alternate JPEG and PNG within each class.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    written = {}
+    for k in range(classes):
+        folder = os.path.join(root, f"class{k}")
+        os.makedirs(folder, exist_ok=True)
+        for i in range(per_class):
+            kind = ("JPEG", "PNG")[i % 2] if fmt == "mixed" else fmt
+            pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+            path = os.path.join(folder, f"img{i:03d}{IMAGE_SUFFIXES[kind]}")
+            Image.fromarray(pixels).save(path, format=kind)
+            written[path] = (k, pixels)
+    return written
+
+
+def write_corrupt_image(folder: str, name: str = "corrupt.jpg") -> str:
+    """A file named like an image whose bytes are not one; returns its path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    with open(path, "wb") as f:
+        f.write(b"not an image, only text with a .jpg name\n")
+    return path
 
 
 def criteo_line(label="1", ints=None, cats=None) -> str:
