@@ -22,11 +22,12 @@ def check(overrides: List[str], world_size: int) -> None:
     cfg = compose(overrides)
     validate(cfg, world_size)
     check_available(cfg.data)
-    if cfg.data.train_transform is not None or cfg.data.val_transform is not None:
+    if cfg.loader.transform is not None or cfg.loader.val_transform is not None:
         from rpc_train.loader.transforms import build_transform  # imports torchvision: only when a transform is set
 
-        for key in ("train_transform", "val_transform"):
-            build_transform(cfg.data[key], f"data.{key}")
+        # The loader's are the ones used (the data set's by default, `${data.train_transform}`).
+        for key in ("transform", "val_transform"):
+            build_transform(cfg.loader[key], f"loader.{key}")
     if cfg.device == "cuda":
         from rpc_train.runtime.devices import check_device  # imports torch: only when it matters
 

@@ -27,6 +27,7 @@ def driver_job(cfg: DictConfig) -> Callable[[DictConfig, int, str], dict]:
         from rpc_train.serve.driver import serve
 
         return serve
+
     from rpc_train.driver import drive
 
     return drive
@@ -59,9 +60,11 @@ def dense_group_of(cfg: DictConfig, world) -> Iterator[None]:
         yield
         return
     from rpc_train.hybrid.group import check_gpus, join_dense_group, leave_dense_group
+    from rpc_train.runtime.roles import role_rank
 
-    check_gpus(cfg.device, cfg.hybrid.servers, world.rank, world.size, world.local_size)
-    join_dense_group(cfg.device, cfg.hybrid.servers, world.rank, world.size, cfg.runtime.rpc_timeout_s)
+    first_trainer = role_rank(cfg, 1 + cfg.hybrid.servers)
+    check_gpus(cfg.device, first_trainer, world.rank, world.size, world.local_size)
+    join_dense_group(cfg.device, first_trainer, world.rank, world.size, cfg.runtime.rpc_timeout_s)
     try:
         yield
     finally:

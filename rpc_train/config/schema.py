@@ -23,12 +23,26 @@ SCHEDULES = ("gpipe", "1f1b")
 LOSS_NAMES = ("cross_entropy",)
 BALANCE_HELP = "'params', 'time', or a list of layer counts per stage such as [3,2]"
 SHARDINGS = ("table", "row")
+LOADERS = ("local", "service")
+ON_SAMPLE_ERROR = ("raise", "skip")
 EMBEDDING_OPTIMS = ("sgd", "rowwise_adagrad")
 
 
 def num_stages(pipeline, world_size: int) -> int:
-    """`pipeline.stages`, or every worker when it is null (rank 0 drives, the rest host stages)."""
+    """`pipeline.stages`, or every worker when it is null (rank 0 drives, the rest host stages).
+    `world_size`: the mode's world, without the data workers (`mode_world_size`)."""
     return pipeline.stages or world_size - 1
+
+
+def data_workers(cfg) -> int:
+    """Ranks 1..data_workers(cfg) are data workers (loader=service); 0 with loader=local."""
+    return cfg.loader.workers if cfg.loader.name == "service" else 0
+
+
+def mode_world_size(cfg, world_size: int) -> int:
+    """The world the mode lays its roles out in: the driver and every rank after the data
+    workers (runtime/roles.py `role_rank` maps its ranks back)."""
+    return world_size - data_workers(cfg)
 
 
 def as_dict(node):
@@ -184,6 +198,23 @@ class ServeConf:
 
 
 @dataclass
+class LoaderConf:
+    """Where batches are made: in each consumer's process (local) or by data workers (service).
+    conf/loader/*.yaml comment each setting."""
+
+    name: str = "local"
+    workers: int = 1
+    prefetch: int = 2
+    timeout_s: float = 30.0
+    cache_mb: float = 0.0
+    routing: str = "least_loaded"
+    on_error: str = "raise"
+    transform: Any = None
+    val_transform: Any = None
+    batch_hook: Any = None
+
+
+@dataclass
 class ModeConf:
     name: str = "pipeline"
 
@@ -263,6 +294,7 @@ class Config:
     optim: Any = MISSING
     scheduler: Any = None
     mode: ModeConf = field(default_factory=ModeConf)
+    loader: LoaderConf = field(default_factory=LoaderConf)
     runtime: RuntimeConf = field(default_factory=RuntimeConf)
     pipeline: PipelineConf = field(default_factory=PipelineConf)
     ps: PSConf = field(default_factory=PSConf)

@@ -11,7 +11,8 @@ from omegaconf import DictConfig
 
 from rpc_train.config.errors import ConfigError
 from rpc_train.config.schema import (BALANCE_HELP, BALANCE_STRATEGIES, DEVICES, EMBEDDING_OPTIMS, LOSS_NAMES, MODES,
-                                     ROUTINGS, SCHEDULES, SHARDINGS, num_stages)
+                                     ROUTINGS, SCHEDULES, SHARDINGS, LOADERS, ON_SAMPLE_ERROR,
+                                     mode_world_size, num_stages)
 from rpc_train.data.files import CLICK_DATASETS
 
 
@@ -47,12 +48,19 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
         yield (f"world size {world_size} (NPROC x NNODES): rpc_train needs at least 2 processes, "
                "a driver and one worker; use NPROC=2 or more")
         return
+    loader_problems = list(_loader_problems(cfg, world_size))
+    yield from loader_problems
+    if loader_problems:
+        return
+    # The mode lays out its roles after the data workers, as if they were not there.
+    world_size = mode_world_size(cfg, world_size)
     if parameter_server:
         yield from _ps_problems(cfg, world_size)
     elif hybrid:
         yield from _hybrid_problems(cfg, world_size)
     elif serving:
         yield from _serve_problems(cfg.serve, world_size)
+
     else:
         yield from _stage_problems(cfg.pipeline, world_size)
     if not 0.0 < cfg.data.val_fraction < 1.0:
@@ -98,6 +106,35 @@ def _micro_batch_problems(pipe: DictConfig, batch_size: int, rpc_threads: int) -
     if pipe.micro_batches > batch_size >= 1:
         yield (f"pipeline.micro_batches={pipe.micro_batches} is larger than "
                f"trainer.batch_size={batch_size}: each micro-batch needs at least one sample")
+
+
+def _loader_problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
+    loader = cfg.loader
+    if loader.name not in LOADERS:
+        yield f"loader.name={loader.name}: expected one of {', '.join(LOADERS)}"
+        return
+    if loader.on_error not in ON_SAMPLE_ERROR:
+        yield f"loader.on_error={loader.on_error}: expected one of {', '.join(ON_SAMPLE_ERROR)}"
+    if loader.name != "service":
+        return
+    if cfg.mode.name == "serve":
+        yield "loader=service with mode=serve: serving takes requests, not a data set; use loader=local"
+    if loader.workers is None or loader.workers < 1:
+        yield f"loader.workers={loader.workers}: must be a positive integer (ranks that make batches)"
+        return
+    # The mode needs a driver and at least one worker of its own besides the data workers.
+    least = {"parameter_server": 2, "hybrid": 2}.get(cfg.mode.name, 1)
+    if loader.workers > world_size - 1 - least:
+        yield (f"loader.workers={loader.workers} leaves too few ranks in a world of {world_size} (NPROC x NNODES) "
+               f"for the driver and mode={cfg.mode.name}'s {least} worker(s); use NPROC x NNODES >= "
+               f"{loader.workers + 1 + least} or loader.workers<={max(0, world_size - 1 - least)}")
+    yield from _positive("loader.prefetch", loader.prefetch)
+    if not loader.timeout_s > 0:
+        yield f"loader.timeout_s={loader.timeout_s}: must be a positive number of seconds"
+    if loader.cache_mb is None or loader.cache_mb < 0:
+        yield f"loader.cache_mb={loader.cache_mb}: must be 0 (no store) or a positive size in MB"
+    if loader.routing not in ROUTINGS:
+        yield f"loader.routing={loader.routing}: expected one of {', '.join(ROUTINGS)}"
 
 
 def _stage_problems(pipe: DictConfig, world_size: int) -> Iterator[str]:

@@ -7,7 +7,7 @@ The pipeline driver and a single-process reference run both call `load_datasets`
 import os
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, TensorDataset
 
 from rpc_train.data.files import check_available
 from rpc_train.config.errors import ConfigError, first_line
@@ -50,18 +50,20 @@ def make_loaders(data, batch_size: int, seed: int) -> tuple[DataLoader, DataLoad
             f"trainer.batch_size={batch_size} must be between 1 and the {len(train)} training "
             f"samples of data={data.name} (after val_fraction and limit)"
         )
+    return train_loader_of(train, batch_size, seed), val_loader_of(val, batch_size)
+
+
+def train_loader_of(dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
+    """The seeded training order: over a data set's samples, or over their ids (the data
+    service's consumers draw ids this way, so they see the batches this loader would)."""
     # drop_last: micro-batching splits every batch into equal parts, so batches must be full.
     # num_workers=0: the data is already in memory and the driver gets a single core.
-    train_loader = DataLoader(
-        train,
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(seed),
-        num_workers=0,
-    )
-    val_loader = DataLoader(val, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=0)
-    return train_loader, val_loader
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                      generator=torch.Generator().manual_seed(seed), num_workers=0)
+
+
+def val_loader_of(dataset: Dataset, batch_size: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=0)
 
 
 class _BatchSlices(Sampler):
@@ -79,7 +81,7 @@ class _BatchSlices(Sampler):
         return len(self.batches)
 
 
-def make_trainer_loader(train: TensorDataset, batch_size: int, trainer: int, trainers: int,
+def make_trainer_loader(train: Dataset, batch_size: int, trainer: int, trainers: int,
                         seed: int) -> DataLoader:
     """Trainer `trainer`'s disjoint shard of the training set, `batch_size` samples a step.
 

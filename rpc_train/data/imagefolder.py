@@ -11,7 +11,6 @@ from typing import List, Tuple
 
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset, pil_loader
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from rpc_train.config.errors import ConfigError, first_line
@@ -19,9 +18,6 @@ from rpc_train.data.datasets import split_train_val
 from rpc_train.data.files import check_imagefolder
 
 Sample = Tuple[str, int]  # (file path, class index)
-
-# The formats torchvision's decode_image reads itself (libjpeg, libpng, libwebp); PIL the rest.
-_DECODED_BY_TORCHVISION = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def scan(root: str) -> Tuple[List[str], List[Sample]]:
@@ -43,11 +39,12 @@ def load_imagefolder(data, seed: int) -> Tuple[List[Sample], List[Sample]]:
 
 
 def read_rgb(path: str) -> torch.Tensor:
-    """The image at `path` as uint8 [3, H, W] (grey and alpha become RGB); raises torchvision's
-    RuntimeError or PIL's OSError for a file that is not a readable image."""
-    if path.lower().endswith(_DECODED_BY_TORCHVISION):
-        # No EXIF rotation, as ImageFolder's PIL loader: the same pixels whichever reads the file.
-        # torchvision 0.29 deprecates its decoders (a DeprecationWarning) in favour of TorchCodec,
-        # which this project does not depend on yet.
-        return decode_image(path, mode=ImageReadMode.RGB)
+    """The image at `path` as uint8 [3, H, W] (grey and alpha become RGB), through torchvision's
+    PIL loader, as ImageFolder reads it; raises PIL's OSError (or ValueError) for a file that is
+    not a readable image.
+
+    Not torchvision.io.decode_image: torchvision 0.29 deprecates its decoders in favour of
+    TorchCodec (a DeprecationWarning on every process that decodes), and PIL reads every format
+    ImageFolder lists; it measured about 20% slower on a 256 px JPEG (0.67 against 0.56 ms).
+    """
     return pil_to_tensor(pil_loader(path))

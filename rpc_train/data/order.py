@@ -6,11 +6,12 @@ the batches of the epoch done; `DataOrder` gives the epoch's batches from there 
 the state to save.
 """
 
-import itertools
-from typing import Iterable, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader
+
+from rpc_train.loader.stream import batches_from
 
 
 class DataOrder:
@@ -24,19 +25,25 @@ class DataOrder:
         skips its first `batch` batches."""
         self._resume_at = (loader_state, batch)
 
-    def epoch(self) -> Iterable:
-        """This epoch's batches. Iterate it with a for loop to its end or a break, as one
-        process runs an epoch: a full epoch runs the sampler to its end, where RandomSampler
-        draws from the seeded generator once more; stopping after the last batch instead would
-        shift every later epoch's order."""
-        batches: Iterable = self.loader
+    def epoch(self, number: int, steps: int) -> Iterator:
+        """At most `steps` batches of epoch `number` (the number seeds the data service's
+        augmentations), none asked for beyond them. An epoch run to its last batch also runs the
+        loader to its end, as one process's epoch does: RandomSampler draws from the seeded
+        generator once more when it runs out, and every later epoch's order starts after that."""
+        skip = 0
         if self._resume_at is not None:
             (state, skip), self._resume_at = self._resume_at, None
             if state is not None:
                 self.loader.generator.set_state(state)
-            batches = itertools.islice(self.loader, skip, None)
         self._epoch_start = self.loader.generator.get_state()
-        return batches
+        batches = iter(batches_from(self.loader, number, skip))
+        for taken, batch in enumerate(batches, start=1):
+            yield batch
+            if taken == steps:
+                if skip + taken == len(self.loader):
+                    for _ in batches:
+                        raise RuntimeError("the training loader gave more batches than its len()")
+                return
 
     def state(self, at_epoch_start: bool) -> Optional[torch.Tensor]:
         """The position to save: the generator when the last epoch began, or now (after it)."""

@@ -25,6 +25,8 @@ from rpc_train.hybrid.server import EmbeddingServer
 from rpc_train.hybrid.sharding import plan
 from rpc_train.hybrid.trainer import HybridTrainer
 from rpc_train.hybrid.watch import run_trainers
+from rpc_train.loader.metrics import loader_scalars
+from rpc_train.loader.service import start_data_service
 from rpc_train.metrics.progress import Progress
 from rpc_train.metrics.tensorboard import RunLogger
 from rpc_train.runtime.remote import call_all
@@ -46,6 +48,7 @@ class HybridJob:
         self.held = plan(hybrid.sharding, self.model.table_rows, self.model.embedding_dim, len(self.roles.servers))
         trainers = len(self.roles.trainers)
         self.samples_per_step = trainers * cfg.trainer.batch_size
+        self.service = start_data_service(cfg)
         rule = AsyncUpdateRule(scale_by_staleness=not hybrid.sync and hybrid.staleness_lr,
                                clip_grad_norm=hybrid.clip_grad_norm)
         self.servers = [rpc.remote(w, EmbeddingServer, args=(j, self.held[j], model_cfg, cfg.seed, trainers,
@@ -55,7 +58,8 @@ class HybridJob:
         self.trainers = [rpc.remote(w, HybridTrainer, args=(
                              i, trainers, self.roles.servers, self.held, model_cfg, as_dict(cfg.data),
                              as_dict(cfg.optim), as_dict(cfg.scheduler) or None, cfg.trainer.batch_size, cfg.seed,
-                             cfg.trainer.log_every, cfg.device, as_dict(hybrid.step_hook)))
+                             cfg.trainer.log_every, cfg.device, as_dict(hybrid.step_hook), as_dict(cfg.loader),
+                             self.service))
                          for i, w in enumerate(self.roles.trainers)]
         self.per_epoch = call_all(self.trainers, "steps_per_epoch")[0]  # also waits until all are built
         if self.per_epoch == 0:
@@ -167,6 +171,8 @@ def run_epochs(cfg: DictConfig, job: HybridJob, checkpoints: Checkpointer, logge
         position.step, position.loader_state = done, job.trainers[0].rpc_sync().loader_state(not complete)
         position.epoch, position.batch = (epoch + 1, 0) if complete else (epoch, skip + steps)
         final.update(server_scalars(job))
+        if job.service is not None:
+            logger.scalars(done, loader_scalars(job.service, [], 0.0))
         job.model.load_state_dict(job.state_dict())
         final.update(evaluate_clicks(job.model, val_loader))
         logger.scalars(done, {k: v for k, v in final.items() if k.startswith(("val/", "server"))})

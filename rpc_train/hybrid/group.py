@@ -17,11 +17,11 @@ from rpc_train.config.errors import ConfigError
 _GROUP: Optional[dist.ProcessGroup] = None
 
 
-def trainer_ranks(servers: int, world_size: int) -> List[int]:
-    return list(range(1 + servers, world_size))
+def trainer_ranks(first_trainer: int, world_size: int) -> List[int]:
+    return list(range(first_trainer, world_size))
 
 
-def check_gpus(device: str, servers: int, rank: int, world_size: int, local_size: int) -> None:
+def check_gpus(device: str, first_trainer: int, rank: int, world_size: int, local_size: int) -> None:
     """NCCL takes one GPU per rank: with device=cuda each machine needs a GPU per trainer it runs.
     Every rank checks its own machine (torchrun gives each machine local_size ranks in order)."""
     if device != "cuda":
@@ -30,19 +30,19 @@ def check_gpus(device: str, servers: int, rank: int, world_size: int, local_size
 
     node = rank // local_size
     local_trainers = sum(1 for r in range(node * local_size, min((node + 1) * local_size, world_size))
-                         if r >= 1 + servers)
+                         if r >= first_trainer)
     gpus = torch.cuda.device_count()
     if local_trainers > gpus:
         raise ConfigError(f"device=cuda: mode=hybrid runs {local_trainers} trainers on this machine but it has {gpus} "
                           "GPU(s), and NCCL takes one GPU per trainer; use fewer trainers (NPROC) or device=cpu")
 
 
-def join_dense_group(device: str, servers: int, rank: int, world_size: int, timeout_s: float) -> None:
+def join_dense_group(device: str, first_trainer: int, rank: int, world_size: int, timeout_s: float) -> None:
     global _GROUP
     timeout = timedelta(seconds=timeout_s)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
     backend = "nccl" if device == "cuda" else "gloo"
-    _GROUP = dist.new_group(trainer_ranks(servers, world_size), backend=backend, timeout=timeout)
+    _GROUP = dist.new_group(trainer_ranks(first_trainer, world_size), backend=backend, timeout=timeout)
 
 
 def dense_group() -> dist.ProcessGroup:

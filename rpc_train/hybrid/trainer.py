@@ -26,8 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rpc_train.checkpoint.shares import load_worker_state, save_worker_state
 from rpc_train.config.errors import first_line
-from rpc_train.data.clicks import load_clicks
-from rpc_train.data.datasets import make_trainer_loader
+from rpc_train.loader.service import trainer_loader
 from rpc_train.data.order import DataOrder
 from rpc_train.hybrid.group import dense_group
 from rpc_train.hybrid.model import DenseArch, build_dlrm
@@ -44,8 +43,10 @@ WAITING_FOR_PEERS = "the backward (DDP's all-reduce waits for every trainer)"
 class HybridTrainer:
     def __init__(self, trainer_id: int, trainers: int, servers: List[str], held: List[List[Piece]],
                  model_cfg: dict, data_cfg: dict, optim_cfg: dict, scheduler_cfg, batch_size: int, seed: int,
-                 log_every: int, device: str = "cpu", step_hook: Optional[dict] = None):
-        """`step_hook`: the hybrid.step_hook config, built here and called as hook(trainer_id, step)."""
+                 log_every: int, device: str = "cpu", step_hook: Optional[dict] = None,
+                 loader_cfg: Optional[dict] = None, service=None):
+        """`step_hook`: the hybrid.step_hook config, built here and called as hook(trainer_id, step).
+        `loader_cfg` and `service`: where the batches come from (loader/service.py)."""
         self.trainer_id, self.servers, self.log_every = trainer_id, servers, log_every
         self.device = local_device(device)
         model = build_dlrm(model_cfg, seed)
@@ -57,8 +58,8 @@ class HybridTrainer:
         self.params = list(self.ddp.parameters())
         self._param_names = [name for name, _ in self.dense.model.named_parameters()]  # the plain model's names
         self.optimizer, self.scheduler = build_optimizer(self.params, optim_cfg, scheduler_cfg)
-        train, _ = load_clicks(OmegaConf.create(data_cfg), seed)
-        self.loader = make_trainer_loader(train, batch_size, trainer_id, trainers, seed)
+        self.loader = trainer_loader(data_cfg, loader_cfg or {"name": "local"}, service, batch_size, trainer_id,
+                                     trainers, seed)
         self.step = 0
         self.last_loss: Optional[float] = None  # the latest step's, for the driver's progress line
         self._versions = [0] * len(servers)
@@ -71,13 +72,10 @@ class HybridTrainer:
     def steps_per_epoch(self) -> int:
         return len(self.loader)
 
-    def run_epoch(self, steps: int) -> List[Dict[str, float]]:
-        """Train `steps` batches of the epoch; one dict of window means every `log_every` steps."""
+    def run_epoch(self, steps: int, epoch: int = 0) -> List[Dict[str, float]]:
+        """Train `steps` batches of epoch `epoch`; one dict of window means every `log_every` steps."""
         windows, window = [], _Window()
-        # A for loop to its end or a break: see DataOrder.epoch.
-        for taken, (dense, sparse, labels) in enumerate(self.order.epoch()):
-            if taken == steps:
-                break
+        for dense, sparse, labels in self.order.epoch(epoch, steps):
             if self._step_hook is not None:
                 self.doing = "its step hook"
                 self._step_hook(self.trainer_id, self.step + 1)

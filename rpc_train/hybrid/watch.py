@@ -27,7 +27,7 @@ def run_trainers(job, steps: int, rpc_timeout_s: float, progress: Optional[Progr
     """Every trainer's `run_epoch(steps)` (`job`: a hybrid.driver.HybridJob); their windows.
     Trainer 0's answers move `progress` on: under DDP the trainers keep within a step of each other."""
     # timeout=0: an epoch may take longer than any one RPC; the watch bounds a silent trainer.
-    futures = [t.rpc_async(timeout=0).run_epoch(steps) for t in job.trainers]
+    futures = [t.rpc_async(timeout=0).run_epoch(steps, epoch) for t in job.trainers]
     pending = set(range(len(futures)))
     limit = 1.5 * rpc_timeout_s + 2.0
     last_step = {i: (-1, time.monotonic()) for i in pending}

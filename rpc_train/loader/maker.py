@@ -5,7 +5,7 @@ same tensors for the same (seed, epoch, ids) whatever decoded or cached the samp
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from torch.utils.data import Dataset
@@ -18,8 +18,8 @@ ON_ERROR = ("raise", "skip")
 
 @dataclass
 class Batch:
-    x: torch.Tensor
-    y: torch.Tensor  # int64 labels
+    x: Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # a tuple for samples of several tensors (clicks)
+    y: torch.Tensor  # the labels: int64 classes, or float32 clicks
     ids: torch.Tensor  # int64: the samples in x, in order (the ids asked for, less any skipped)
     skipped: List[str] = field(default_factory=list)  # "<sample>: <reason>" of each sample left out
 
@@ -66,7 +66,9 @@ class BatchMaker:
         if not kept:
             raise SampleError(f"{self.source.name} batch of {len(ids)}", f"no sample decoded; first: {skipped[0]}")
         samples = [apply_seeded(self.transform, raws[i] if i in raws else decoded[i], self.seed, epoch, i) for i in kept]
-        batch = Batch(x=torch.stack(samples), y=torch.tensor([self.source.label(i) for i in kept], dtype=torch.int64),
+        x = tuple(torch.stack(parts) for parts in zip(*samples)) if isinstance(samples[0], tuple) else torch.stack(samples)
+        # int labels become int64, float ones (clicks) float32, as the in-memory datasets hold them.
+        batch = Batch(x=x, y=torch.tensor([self.source.label(i) for i in kept]),
                       ids=torch.tensor(kept, dtype=torch.int64), skipped=skipped)
         return batch, decoded
 

@@ -14,8 +14,8 @@ from torch.utils.data import TensorDataset
 from rpc_train.config.errors import ConfigError, first_line
 from rpc_train.data.files import CLICK_DATASETS
 
-# torchvision's decoders prefix their message with where in its C++ they failed.
-_CPP_WHERE = re.compile(r"^\w+, \S+\.cpp:\d+, ")
+# PIL ends "cannot identify image file" with the file object's repr, which names the path again.
+_FILE_REPR = re.compile(r" <_io\.\w+ name=.*>$")
 
 
 class SampleError(Exception):
@@ -95,14 +95,37 @@ class ImageFolderSource:
         try:
             return read_rgb(path)
         except (RuntimeError, OSError, ValueError) as err:
-            raise SampleError(path, _CPP_WHERE.sub("", first_line(err))) from err
+            raise SampleError(path, _FILE_REPR.sub("", first_line(err))) from err
+
+
+class ClickSource:
+    """A split of click data (mode=hybrid): a sample is (dense features, categorical indices),
+    its label the click as a float. Criteo's TSV lines are parsed where the source is built."""
+
+    def __init__(self, name: str, dataset: TensorDataset):
+        self.name = name
+        self.dense, self.sparse, self.labels = dataset.tensors
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def describe(self, i: int) -> str:
+        return f"{self.name}[{i}]"
+
+    def label(self, i: int) -> float:
+        return float(self.labels[i])
+
+    def decode(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.dense[i].clone(), self.sparse[i].clone()
 
 
 def build_sources(data, seed: int) -> Tuple[SampleSource, SampleSource]:
-    """(train, validation) sources of an image dataset, split as `load_datasets` splits it."""
+    """(train, validation) sources of a dataset, split as `load_datasets` / `load_clicks` split it."""
     if data.name in CLICK_DATASETS:
-        raise ConfigError(f"data={data.name} is click data for mode=hybrid; the data service reads image "
-                          "datasets: digits, mnist, fashion_mnist, cifar10, synthetic, imagefolder")
+        from rpc_train.data.clicks import load_clicks
+
+        train, val = load_clicks(data, seed)
+        return ClickSource(f"{data.name} train", train), ClickSource(f"{data.name} val", val)
     if data.name == "imagefolder":
         from rpc_train.data.imagefolder import load_imagefolder
 

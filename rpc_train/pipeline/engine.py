@@ -26,7 +26,8 @@ import torch
 import torch.distributed.rpc as rpc
 from omegaconf import DictConfig
 
-from rpc_train.config.schema import as_dict, num_stages
+from rpc_train.config.schema import as_dict
+from rpc_train.runtime.roles import stage_ranks
 from rpc_train.pipeline.partition import plan_stages, stage_bounds
 from rpc_train.pipeline.profile import RankProfiler
 from rpc_train.pipeline.stage import StageWorker, evaluate_on_stage, train_on_stage
@@ -51,7 +52,8 @@ class PipelineEngine:
         """
         self.micro_batches = cfg.pipeline.micro_batches
         self.device = torch.device(own_device(cfg.device))
-        k = num_stages(cfg.pipeline, world_size)
+        ranks = stage_ranks(cfg, world_size)
+        k = len(ranks)
         model_cfg = as_dict(cfg.model)
         layers = list(build_model(model_cfg, cfg.seed))
         # Timing layers needs only the shape of a micro-batch, not real data, on the stages'
@@ -59,7 +61,7 @@ class PipelineEngine:
         micro = max(1, cfg.trainer.batch_size // self.micro_batches)
         sample = torch.randn(micro, *cfg.data.shape, device=self.device)
         self.counts = plan_stages(layers, k, cfg.pipeline.balance, sample)
-        self.workers = [worker_name(rank) for rank in range(1, k + 1)]
+        self.workers = [worker_name(rank) for rank in ranks]
         self.stages = [
             rpc.remote(self.workers[i], StageWorker,
                        args=(i, model_cfg, bounds, as_dict(cfg.optim), as_dict(cfg.scheduler) or None,

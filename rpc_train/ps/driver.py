@@ -10,7 +10,7 @@ see the model exactly at the epoch boundary, in both modes.
 import logging
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed.rpc as rpc
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from rpc_train.checkpoint.manager import Checkpointer
 from rpc_train.config.schema import as_dict
-from rpc_train.data.datasets import make_loaders
+from rpc_train.loader.service import DataService, consumer_loaders, start_data_service
 from rpc_train.config.errors import ConfigError, RunFailure
 from rpc_train.training.local import LocalEngine
 from rpc_train.metrics.tensorboard import RunLogger
@@ -61,13 +61,13 @@ def build_servers(cfg: DictConfig, roles: ParameterServerRoles, shards: List[Lis
 
 
 def build_trainers(cfg: DictConfig, roles: ParameterServerRoles, shards: List[List[str]],
-                   total_steps: int) -> list:
+                   total_steps: int, service: Optional[DataService]) -> list:
     where = list(zip(roles.servers, shards))
     heartbeat_s = cfg.runtime.rpc_timeout_s / 4  # well inside the driver's stall limit
     return [rpc.remote(worker, TrainerWorker, args=(
                 i, len(roles.trainers), where, as_dict(cfg.model), as_dict(cfg.data),
                 cfg.trainer.batch_size, cfg.seed, total_steps, cfg.trainer.log_every, heartbeat_s,
-                as_dict(cfg.ps.step_hook), divergence_remedy(cfg)))
+                as_dict(cfg.ps.step_hook), divergence_remedy(cfg), as_dict(cfg.loader), service))
             for i, worker in enumerate(roles.trainers)]
 
 
@@ -103,6 +103,7 @@ class ParameterServerJob:
     val_loader: DataLoader
     per_epoch: int
     total: int
+    service: Optional[DataService] = None
 
 
 def start_job(cfg: DictConfig, world_size: int) -> ParameterServerJob:
@@ -112,19 +113,20 @@ def start_job(cfg: DictConfig, world_size: int) -> ParameterServerJob:
     shards = shard_by_size(tensor_sizes(reference.model), len(roles.servers))
     servers = build_servers(cfg, roles, shards)
     # Loaded while the servers build; the train loader is only counted, the trainers own theirs.
-    train_loader, val_loader = make_loaders(cfg.data, cfg.trainer.batch_size, cfg.seed)
+    service = start_data_service(cfg)
+    train_loader, val_loader = consumer_loaders(cfg, service, "driver")
     per_epoch, total = plan_steps(cfg, len(train_loader.dataset), len(roles.trainers))
     # Trainers fetch from the servers by id, not through the RRefs, so no trainer may start
     # before every server exists: a call through an RRef waits for its object, a plain one not.
     reset_server_clocks(servers)
-    trainers = build_trainers(cfg, roles, shards, total)
+    trainers = build_trainers(cfg, roles, shards, total, service)
     call_all(trainers, "steps_per_epoch")
     reset_server_clocks(servers)  # updates/s counts from the first step, not from start-up
     log.info("parameter server (%s): %d server(s) on %s holding %s tensors, %d trainer(s) on %s",
              "sync" if cfg.ps.sync else f"async, max staleness {cfg.ps.max_staleness}",
              len(servers), ", ".join(roles.servers), [len(s) for s in shards],
              len(trainers), ", ".join(roles.trainers))
-    return ParameterServerJob(roles, reference, servers, trainers, val_loader, per_epoch, total)
+    return ParameterServerJob(roles, reference, servers, trainers, val_loader, per_epoch, total, service)
 
 
 class ServerEngine:
@@ -172,7 +174,7 @@ def fit_parameter_server(cfg: DictConfig, world_size: int, logger: RunLogger) ->
     progress = Progress(job.total, initial=start.step, epochs=cfg.trainer.epochs, every_s=cfg.log.progress_s,
                         enabled=cfg.trainer.progress)
     monitor = ProgressMonitor(logger, job.roles.trainers, job.servers, cfg.ps.sync, cfg.runtime.rpc_timeout_s,
-                              progress)
+                              progress, job.service)
     try:
         run_epochs(cfg, engine, monitor, logger, checkpoints)
     finally:

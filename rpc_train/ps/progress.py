@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from rpc_train.config.errors import RunFailure, first_line
+from rpc_train.loader.metrics import loader_scalars
 from rpc_train.metrics.progress import Progress
 from rpc_train.metrics.tensorboard import RunLogger
 from rpc_train.runtime.remote import call_all
@@ -41,6 +42,7 @@ class TrainerReport:
     staleness: List[int] = field(default_factory=list)  # one per applied gradient
     refreshes: int = 0  # gradients a server refused as too stale
     lr: float = 0.0
+    input_wait_s: float = 0.0  # waiting for batches from the data service (loader=service)
 
     def add(self, loss: float, correct: int, samples: int, seconds: float) -> None:
         self.steps, self.samples, self.seconds = self.steps + 1, self.samples + samples, self.seconds + seconds
@@ -94,6 +96,9 @@ def combine(reports: List[TrainerReport]) -> Dict[str, float]:
         "lr": reports[0].lr,
         "ps/stale_refreshes": float(sum(r.refreshes for r in reports)),
     }
+    waited = sum(r.input_wait_s for r in reports)
+    if waited:  # the trainers wait side by side: the share of their time spent waiting
+        scalars["loader/input_wait_fraction"] = waited / (waited + sum(r.seconds for r in reports))
     staleness = staleness_of(reports)
     if staleness:
         scalars["ps/staleness_mean"] = sum(staleness) / len(staleness)
@@ -105,7 +110,8 @@ class ProgressMonitor:
     """On the driver: logs what the trainers report and ends, or goes on, when one fails."""
 
     def __init__(self, logger: RunLogger, trainer_names: List[str], servers: list, sync: bool,
-                 stall_s: float, progress: Progress):
+                 stall_s: float, progress: Progress, service=None):
+        """`service`: the data service (loader=service), whose workers' figures are logged too."""
         self.logger, self.names, self.servers = logger, trainer_names, servers
         self.sync, self.stall_s = sync, stall_s
         self.live = set(range(len(trainer_names)))
@@ -114,7 +120,7 @@ class ProgressMonitor:
         self._heard: Dict[int, float] = {}
         self._futures: Dict[int, torch.futures.Future] = {}
         self._silent: Dict[int, torch.futures.Future] = {}  # left out for silence (async)
-        self.progress = progress
+        self.progress, self.service = progress, service
         self._logged_step = progress.step
         # (staleness, trainer) of the stalest gradient applied since `pop_stalest`.
         self._stalest: Optional[Tuple[int, int]] = None
@@ -228,6 +234,8 @@ class ProgressMonitor:
         stats = call_all(self.servers, "pop_stats")
         for j, server_stats in enumerate(stats):
             scalars[f"server{j}/updates_per_s"] = server_stats["updates_per_s"]
+        if self.service is not None:
+            scalars.update(loader_scalars(self.service, [], 0.0))
         self.logger.scalars(step, scalars)
         self.final.update(scalars)
         # The trainers' steps are one count of the run's steps (job.total), as they are logged.

@@ -22,8 +22,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from rpc_train.training.builders import build_model
-from rpc_train.data.datasets import load_datasets, make_trainer_loader
 from rpc_train.data.order import DataOrder
+from rpc_train.loader.service import trainer_loader
+from rpc_train.loader.stream import BatchLoader
 from rpc_train.ps.progress import TrainerReport, record_report
 from rpc_train.ps.server import PushReply, fetch_shard, push_gradients
 from rpc_train.runtime.world import DRIVER
@@ -45,10 +46,11 @@ class TrainerWorker:
     def __init__(self, trainer_id: int, trainers: int, shards: List[Tuple[str, List[str]]],
                  model_cfg: dict, data_cfg: dict, batch_size: int, seed: int,
                  total_steps: int, log_every: int, heartbeat_s: float, step_hook: Optional[dict] = None,
-                 remedy: str = "lower optim.lr"):
+                 remedy: str = "lower optim.lr", loader_cfg: Optional[dict] = None, service=None):
         """`step_hook`: the `ps.step_hook` config, a callable built here and called as
         hook(trainer_id, step) before each step (`step` counts from 1). `remedy`: the setting a
-        non-finite loss's error suggests."""
+        non-finite loss's error suggests. `loader_cfg` and `service`: where the batches come
+        from (loader/service.py; the data workers with loader=service)."""
         self.trainer_id = trainer_id
         self.model = build_model(model_cfg, seed).train()
         self.named = self.model.state_dict(keep_vars=True)
@@ -56,8 +58,8 @@ class TrainerWorker:
         self.shards = [Shard(j, worker, [n for n in names if n in self.params],
                              [n for n in names if n not in self.params])
                        for j, (worker, names) in enumerate(shards)]
-        train, _ = load_datasets(OmegaConf.create(data_cfg), seed)
-        self.loader = make_trainer_loader(train, batch_size, trainer_id, trainers, seed)
+        self.loader = trainer_loader(data_cfg, loader_cfg or {"name": "local"}, service, batch_size, trainer_id,
+                                     trainers, seed)
         self.total_steps, self.log_every, self.heartbeat_s = total_steps, log_every, heartbeat_s
         self.step = 0
         self.order = DataOrder(self.loader)
@@ -92,11 +94,7 @@ class TrainerWorker:
 
     def run_epoch(self, epoch: int, steps: int) -> int:
         """Train `steps` batches of this epoch's shard; return the steps taken so far."""
-        taken = 0
-        for x, y in self.order.epoch():  # a for loop to its end or a break: see DataOrder.epoch
-            if taken == steps:
-                break
-            taken += 1
+        for x, y in self.order.epoch(epoch, steps):
             if self._step_hook is not None:
                 self._step_hook(self.trainer_id, self.step + 1)
             started = time.perf_counter()
@@ -105,6 +103,8 @@ class TrainerWorker:
             self.step += 1
             if self.step % self.log_every == 0 or self.step == self.total_steps:
                 self.report.step, self.report.epoch = self.step, epoch
+                if isinstance(self.loader, BatchLoader):
+                    self.report.input_wait_s = self.loader.pop_stats()["waited_s"]
                 self._send(self.report)
                 self.report = TrainerReport(self.trainer_id)
             elif time.monotonic() - self._last_sent > self.heartbeat_s:

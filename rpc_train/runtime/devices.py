@@ -63,17 +63,21 @@ def shared_gpu_note(device: str, processes: int, gpus: int, mps: bool) -> Option
             "with `nvidia-cuda-mps-control -d` (README, 'CPU and GPU')")
 
 
-def chain_device_maps(devices: Sequence[str], rank: int, last_rank: int) -> Dict[str, Dict[str, str]]:
+def chain_device_maps(devices: Sequence[str], rank: int, stage_ranks: Sequence[int]) -> Dict[str, Dict[str, str]]:
     """This rank's map to the next rank on the chain, from every rank's reported device:
     tensors sent there land on its GPU.
 
-    The driver (rank 0) sends batches to stage 0 (rank 1), stage k activations go to stage
-    k+1 (rank k+2), up to the last stage at `last_rank`. Replies and the backward's gradient
-    messages use the reverse maps. A CPU on either end needs no map.
+    The driver (rank 0) sends batches to stage 0 (`stage_ranks[0]`), stage k's activations go
+    to stage k+1, up to the last stage. Replies and the backward's gradient messages use the
+    reverse maps. A CPU on either end, or a rank off the chain (a data worker), needs no map.
     """
-    if rank >= last_rank or "cpu" in (devices[rank], devices[rank + 1]):
+    chain = [0, *stage_ranks]
+    if rank not in chain[:-1]:
         return {}
-    return {worker_name(rank + 1): {devices[rank]: devices[rank + 1]}}
+    after = chain[chain.index(rank) + 1]
+    if "cpu" in (devices[rank], devices[after]):
+        return {}
+    return {worker_name(after): {devices[rank]: devices[after]}}
 
 
 def bind_cuda_context(device: torch.device) -> None:

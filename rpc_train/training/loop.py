@@ -4,7 +4,6 @@ The engine runs the steps; the loop owns epochs, step limits, validation, metric
 progress report (metrics/progress.py).
 """
 
-import itertools
 import logging
 import math
 import time
@@ -18,6 +17,7 @@ from rpc_train.config.errors import RunFailure
 from rpc_train.metrics.progress import Progress
 from rpc_train.metrics.tensorboard import RunLogger
 from rpc_train.checkpoint.position import Position
+from rpc_train.loader.stream import batches_from
 from rpc_train.training.protocol import Engine, Evaluator, StepResult
 
 log = logging.getLogger(__name__)
@@ -110,10 +110,10 @@ class Trainer:
                             enabled=self.cfg.progress)
         try:
             for epoch in range(self.position.epoch, self.cfg.epochs):
+                if self.step >= total:
+                    break
                 batches = iter(self._batches(epoch))
                 for x, y in batches:
-                    if self.step >= total:
-                        break
                     t0 = time.perf_counter()
                     result = self.engine.train_step(x, y)
                     applied = self._applied(result)
@@ -134,8 +134,8 @@ class Trainer:
                         self._log(scalars)
                         self.final.update(scalars)
                         window.reset()
-                if self.step >= total:
-                    break
+                    if self.step >= total:
+                        break  # before asking for another batch: the data service would make it for nothing
         finally:
             progress.close()
         if "val/loss" not in self.final:  # resumed at the run's end: validated and logged before
@@ -161,15 +161,16 @@ class Trainer:
         """This epoch's batches, less those a resumed run already trained on.
 
         Restoring the shuffling generator to its state at the epoch's start makes the loader
-        draw the same order again; the batches done are then skipped (read, not trained on).
+        draw the same order again; the batches done are then skipped (an in-memory loader reads
+        and drops them, the data service is not asked for them).
         """
         position, generator = self.position, self.train_loader.generator
         if epoch == position.epoch and position.loader_state is not None:
             generator.set_state(position.loader_state)
-            return itertools.islice(self.train_loader, position.batch, None)
+            return batches_from(self.train_loader, epoch, position.batch)
         position.epoch, position.batch = epoch, 0
         position.loader_state = generator.get_state() if generator is not None else None
-        return self.train_loader
+        return batches_from(self.train_loader, epoch, 0)
 
     def _applied(self, result: StepResult) -> bool:
         """False for a step skipped for its non-finite loss; raises unless such steps may be skipped."""

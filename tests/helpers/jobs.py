@@ -3,11 +3,10 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from helpers.launching import REPO
+from helpers.launching import REPO, launch_env
 
 
 class Job:
@@ -17,7 +16,7 @@ class Job:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True)
         self.stdout, self.stderr = open(run_dir.parent / "stdout", "w+"), open(run_dir.parent / "stderr", "w+")
-        full_env = {**os.environ, "RUN_DIR": str(run_dir), "PYTHON": sys.executable, **env}
+        full_env = launch_env(run_dir, **env)
         self.proc = subprocess.Popen([str(REPO / "launch.sh"), *args], cwd=REPO, env=full_env,
                                      stdout=self.stdout, stderr=self.stderr, start_new_session=True)
 

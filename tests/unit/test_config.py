@@ -53,11 +53,12 @@ def test_every_optimizer_and_scheduler_binds_to_parameters(optim, scheduler):
     assert (sched is None) == (scheduler == "none")
 
 
-@pytest.mark.parametrize("group", ["data", "mode", "experiment"])
+@pytest.mark.parametrize("group", ["data", "mode", "experiment", "loader"])
 def test_every_option_composes_and_validates(group):
     hybrid_only = {("data", "criteo"), ("data", "synthetic_clicks"), ("mode", "hybrid")}
+    needs = {}
     for option in options(group):
-        preset = ["experiment=dlrm_synthetic"] if (group, option) in hybrid_only else []
+        preset = ["experiment=dlrm_synthetic"] if (group, option) in hybrid_only else needs.get((group, option), [])
         cfg = compose([*preset, f"{group}={option}"])
         validate(cfg, world_size=3)
 

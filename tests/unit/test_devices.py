@@ -38,9 +38,12 @@ def test_device_maps_follow_what_each_rank_reports_across_unequal_machines():
     # Node A: 3 ranks (the driver and stages 0-1) on 2 GPUs; node B: 2 ranks (stages 2-3) on 1 GPU.
     devices = [local_device("cuda", r, 2) for r in range(3)] + [local_device("cuda", r, 1) for r in range(2)]
     assert devices == ["cuda:0", "cuda:1", "cuda:0", "cuda:0", "cuda:0"]
-    maps = [chain_device_maps(devices, rank, last_rank=4) for rank in range(5)]
+    maps = [chain_device_maps(devices, rank, [1, 2, 3, 4]) for rank in range(5)]
     assert maps == [{"worker1": {"cuda:0": "cuda:1"}}, {"worker2": {"cuda:1": "cuda:0"}},
                     {"worker3": {"cuda:0": "cuda:0"}}, {"worker4": {"cuda:0": "cuda:0"}}, {}]
     # With 2 stages the ranks after the last one host nothing and map nothing.
-    assert chain_device_maps(devices, 2, last_rank=2) == {} and chain_device_maps(devices, 3, last_rank=2) == {}
-    assert chain_device_maps(["cpu", "cpu", "cpu"], 0, last_rank=2) == {}
+    assert chain_device_maps(devices, 2, [1, 2]) == {} and chain_device_maps(devices, 3, [1, 2]) == {}
+    assert chain_device_maps(["cpu", "cpu", "cpu"], 0, [1, 2]) == {}
+    # Data workers (ranks 1 and 2 here) are off the chain: the driver sends to stage 0 on rank 3.
+    assert [chain_device_maps(devices, rank, [3, 4]) for rank in range(5)] == [
+        {"worker3": {"cuda:0": "cuda:0"}}, {}, {}, {"worker4": {"cuda:0": "cuda:0"}}, {}]

@@ -18,7 +18,7 @@ from functools import lru_cache
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from helpers.datasets import criteo_line, write_cifar10, write_mnist
+from helpers.datasets import criteo_line, write_cifar10, write_imagefolder, write_mnist
 from helpers.doc_commands import doc_commands, page_commands
 from helpers.launching import REPO
 from rpc_train.config.compose import compose
@@ -35,10 +35,12 @@ FLAGS = [c for c in COMMANDS if not c.hydra]
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """A home holding what the docs' commands read: tiny datasets in their real formats under
-    ~/data and ~/criteo, and the run dir outputs/x that the checkpoint commands resume from
-    (the page's `RUN_DIR=outputs/x ./launch.sh` line trains it first)."""
+    ~/data (an image folder of 10 classes in ~/data/images) and ~/criteo, and the run dir
+    outputs/x that the checkpoint commands resume from (the page's `RUN_DIR=outputs/x
+    ./launch.sh` line trains it first)."""
     home = tmp_path_factory.mktemp("home")
     write_cifar10(str(home / "data"))
+    write_imagefolder(str(home / "data" / "images"), classes=10, per_class=1)
     for class_name in ("MNIST", "FashionMNIST"):
         write_mnist(str(home / "data"), class_name)
     (home / "criteo").mkdir()
@@ -61,9 +63,11 @@ def test_the_docs_show_commands_in_every_mode():
     # The extraction itself: a change that stopped finding commands would pass every test below.
     shown = {str(c) for c in COMMANDS}
     assert "./launch.sh" in shown
-    for mode in ("mode=parameter_server", "experiment=dlrm_synthetic", "mode=serve", "pipeline.micro_batches=8"):
+    for mode in ("mode=parameter_server", "experiment=dlrm_synthetic", "mode=serve", "pipeline.micro_batches=8",
+                 "loader=service"):
         assert any(mode in c for c in shown), mode
-    assert {c.where.split(":")[0] for c in COMMANDS} >= {"README.md", "docs/pipeline.md", "docs/serving.md"}
+    assert {c.where.split(":")[0] for c in COMMANDS} >= {"README.md", "docs/pipeline.md", "docs/serving.md",
+                                                         "docs/data-service.md"}
 
 
 def test_extraction_follows_the_shell(tmp_path, monkeypatch):

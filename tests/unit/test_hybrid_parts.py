@@ -70,8 +70,8 @@ def test_saved_row_ranges_join_into_the_tensor_they_tile_and_are_found_by_overla
 def test_device_cuda_needs_a_gpu_per_trainer_on_each_machine():
     from rpc_train.hybrid.group import check_gpus
 
-    check_gpus("cpu", servers=1, rank=0, world_size=4, local_size=4)  # no GPU needed
+    check_gpus("cpu", first_trainer=2, rank=0, world_size=4, local_size=4)  # no GPU needed
     if torch.cuda.device_count() >= 2:
         pytest.skip("this machine has GPUs enough for two trainers")
     with pytest.raises(ConfigError, match=r"runs 2 trainers on this machine but it has \d GPU\(s\), and NCCL"):
-        check_gpus("cuda", servers=1, rank=0, world_size=4, local_size=4)
+        check_gpus("cuda", first_trainer=2, rank=0, world_size=4, local_size=4)

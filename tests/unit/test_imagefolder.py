@@ -52,7 +52,7 @@ def test_split_is_seeded_and_limit_keeps_the_first_training_files(tmp_path):
     assert limited == train[:4] and limited_val == val
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "BMP"])  # BMP: decode_image cannot, so PIL reads it
+@pytest.mark.parametrize("fmt", ["PNG", "BMP"])
 def test_lossless_files_decode_to_the_pixels_written(tmp_path, fmt):
     written = write_imagefolder(str(tmp_path), classes=1, per_class=2, size=(40, 32), fmt=fmt)
     for path, (_, pixels) in written.items():
@@ -144,11 +144,15 @@ def test_the_config_builds_both_transforms_to_image_size(tmp_path):
     check(["data=imagefolder", f"data.root={tmp_path}", "data.num_classes=3"], world_size=3)  # the launcher's check
 
 
-def test_the_launchers_check_names_a_transform_that_does_not_import(tmp_path):
+@pytest.mark.parametrize("override, setting", [
+    ("data.val_transform._target_=torchvision.transforms.v2.Nope", "loader.val_transform"),  # the data set's default
+    ("+loader.transform={_target_:torchvision.transforms.v2.Nope}", "loader.transform"),  # the loader's own
+])
+def test_the_launchers_check_names_a_transform_that_does_not_import(tmp_path, override, setting):
     write_imagefolder(str(tmp_path), classes=3)
     message = one_line_error(lambda: check(["data=imagefolder", f"data.root={tmp_path}", "data.num_classes=3",
-                                            "data.val_transform._target_=torchvision.transforms.v2.Nope"], 3))
-    assert message.startswith("data.val_transform: cannot import 'torchvision.transforms.v2.Nope'")
+                                            override], 3))
+    assert message.startswith(f"{setting}: cannot import 'torchvision.transforms.v2.Nope'")
 
 
 @pytest.mark.parametrize("case", ["missing root", "empty class"])
@@ -169,5 +173,5 @@ def test_preflight_exits_2_with_one_line(tmp_path, case):
 
 def test_a_corrupt_file_fails_to_decode_with_a_reason(tmp_path):
     path = write_corrupt_image(str(tmp_path / "class0"))
-    with pytest.raises(RuntimeError, match="Unsupported image file"):
+    with pytest.raises(OSError, match="cannot identify image file"):
         read_rgb(path)
