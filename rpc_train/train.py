@@ -27,7 +27,10 @@ def driver_job(cfg: DictConfig) -> Callable[[DictConfig, int, str], dict]:
         from rpc_train.serve.driver import serve
 
         return serve
+    if cfg.mode.name == "predict":
+        from rpc_train.predict.driver import predict
 
+        return predict
     from rpc_train.driver import drive
 
     return drive

@@ -14,7 +14,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 # The values some settings take; validate.py checks them, the code that uses them imports them.
-MODES = ("pipeline", "parameter_server", "serve", "hybrid")
+MODES = ("pipeline", "parameter_server", "serve", "hybrid", "predict")
 ROUTINGS = ("least_loaded", "round_robin", "power_of_two")
 DEVICES = ("cpu", "cuda")
 BALANCE_STRATEGIES = ("params", "time")
@@ -215,6 +215,16 @@ class LoaderConf:
 
 
 @dataclass
+class PredictConf:
+    """mode=predict: the served run's model (serve.run) over every file of data.root."""
+
+    # The directory the prediction files go to (one Parquet file per split); required.
+    out: Optional[str] = None
+    # Samples per output file: the unit that is written atomically, and redone after a crash.
+    split_size: int = 256
+
+
+@dataclass
 class ModeConf:
     name: str = "pipeline"
 
@@ -295,6 +305,7 @@ class Config:
     scheduler: Any = None
     mode: ModeConf = field(default_factory=ModeConf)
     loader: LoaderConf = field(default_factory=LoaderConf)
+    predict: PredictConf = field(default_factory=PredictConf)
     runtime: RuntimeConf = field(default_factory=RuntimeConf)
     pipeline: PipelineConf = field(default_factory=PipelineConf)
     ps: PSConf = field(default_factory=PSConf)

@@ -38,11 +38,12 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
     if trainer.loss not in LOSS_NAMES:
         yield f"trainer.loss={trainer.loss}: expected one of {', '.join(LOSS_NAMES)}"
     yield from _checkpoint_problems(cfg)
-    parameter_server, serving, hybrid = (cfg.mode.name == m for m in ("parameter_server", "serve", "hybrid"))
+    parameter_server, serving, hybrid, predicting = (cfg.mode.name == m for m in
+                                                     ("parameter_server", "serve", "hybrid", "predict"))
     if hybrid != (cfg.data.name in CLICK_DATASETS):
         yield (f"data={cfg.data.name} with mode={cfg.mode.name}: the click datasets ({', '.join(CLICK_DATASETS)}) "
                "train with mode=hybrid only, and mode=hybrid trains on them only")
-    if not (parameter_server or serving or hybrid):
+    if not (parameter_server or serving or hybrid or predicting):
         yield from _micro_batch_problems(cfg.pipeline, trainer.batch_size, cfg.runtime.num_worker_threads)
     if world_size < 2:
         yield (f"world size {world_size} (NPROC x NNODES): rpc_train needs at least 2 processes, "
@@ -60,7 +61,8 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
         yield from _hybrid_problems(cfg, world_size)
     elif serving:
         yield from _serve_problems(cfg.serve, world_size)
-
+    elif predicting:
+        yield from _predict_problems(cfg)
     else:
         yield from _stage_problems(cfg.pipeline, world_size)
     if not 0.0 < cfg.data.val_fraction < 1.0:
@@ -135,6 +137,16 @@ def _loader_problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
         yield f"loader.cache_mb={loader.cache_mb}: must be 0 (no store) or a positive size in MB"
     if loader.routing not in ROUTINGS:
         yield f"loader.routing={loader.routing}: expected one of {', '.join(ROUTINGS)}"
+
+
+def _predict_problems(cfg: DictConfig) -> Iterator[str]:
+    if cfg.data.name != "imagefolder":
+        yield f"data={cfg.data.name} with mode=predict: it predicts image files; use data=imagefolder data.root=<dir>"
+    if not cfg.predict.out:
+        yield "predict.out=null: mode=predict needs the directory to write the prediction files to"
+    yield from _positive("predict.split_size", cfg.predict.split_size)
+    if cfg.loader.name == "service":
+        yield "loader=service with mode=predict: every rank but the driver predicts already; drop loader=service"
 
 
 def _stage_problems(pipe: DictConfig, world_size: int) -> Iterator[str]:

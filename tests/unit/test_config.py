@@ -56,7 +56,7 @@ def test_every_optimizer_and_scheduler_binds_to_parameters(optim, scheduler):
 @pytest.mark.parametrize("group", ["data", "mode", "experiment", "loader"])
 def test_every_option_composes_and_validates(group):
     hybrid_only = {("data", "criteo"), ("data", "synthetic_clicks"), ("mode", "hybrid")}
-    needs = {}
+    needs = {("mode", "predict"): ["data=imagefolder", "predict.out=predictions"]}
     for option in options(group):
         preset = ["experiment=dlrm_synthetic"] if (group, option) in hybrid_only else needs.get((group, option), [])
         cfg = compose([*preset, f"{group}={option}"])

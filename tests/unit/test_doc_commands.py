@@ -64,7 +64,7 @@ def test_the_docs_show_commands_in_every_mode():
     shown = {str(c) for c in COMMANDS}
     assert "./launch.sh" in shown
     for mode in ("mode=parameter_server", "experiment=dlrm_synthetic", "mode=serve", "pipeline.micro_batches=8",
-                 "loader=service"):
+                 "loader=service", "mode=predict"):
         assert any(mode in c for c in shown), mode
     assert {c.where.split(":")[0] for c in COMMANDS} >= {"README.md", "docs/pipeline.md", "docs/serving.md",
                                                          "docs/data-service.md"}
