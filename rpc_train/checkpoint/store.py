@@ -57,7 +57,7 @@ def checkpoint_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step}")
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
     # Makes the rename itself durable: without it a power cut can forget the new name.
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -80,7 +80,7 @@ def atomic_write(path: str, data: bytes) -> str:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -111,7 +111,7 @@ def begin(directory: str) -> None:
     manifest = os.path.join(directory, MANIFEST)
     if os.path.exists(manifest):
         os.unlink(manifest)
-        _fsync_dir(directory)
+        fsync_dir(directory)
 
 
 def write_manifest(directory: str, manifest: Dict[str, Any]) -> None:

@@ -15,6 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from rpc_train.checkpoint.store import fsync_dir
+
 Column = Union[Sequence, np.ndarray, torch.Tensor, pa.Array]
 
 _PART = re.compile(r"part-(\d{5,})\.parquet")
@@ -75,7 +77,7 @@ def write_split(out_dir: str, split: int, columns: Dict[str, Column]) -> str:
         if os.path.exists(temp):
             os.remove(temp)
         raise
-    _fsync_dir(out_dir)  # and the rename itself survives a power cut
+    fsync_dir(out_dir)  # and the rename itself survives a power cut
     return final
 
 
@@ -91,10 +93,3 @@ def read_predictions(out_dir: str, n_splits: Optional[int] = None) -> pa.Table:
         raise FileNotFoundError(f"{out_dir} holds no part-NNNNN.parquet files")
     return pa.concat_tables([pq.read_table(os.path.join(out_dir, name)) for _, name in parts])
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
