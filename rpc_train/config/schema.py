@@ -204,7 +204,7 @@ class LoaderConf:
 
     name: str = "local"
     workers: int = 1
-    prefetch: int = 2
+    prefetch: int = 4
     timeout_s: float = 30.0
     cache_mb: float = 0.0
     routing: str = "least_loaded"

@@ -127,9 +127,10 @@ def _loader_problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
     # The mode needs a driver and at least one worker of its own besides the data workers.
     least = {"parameter_server": 2, "hybrid": 2}.get(cfg.mode.name, 1)
     if loader.workers > world_size - 1 - least:
+        fewer = f" or loader.workers<={world_size - 1 - least}" if world_size - 1 - least >= 1 else ""
         yield (f"loader.workers={loader.workers} leaves too few ranks in a world of {world_size} (NPROC x NNODES) "
                f"for the driver and mode={cfg.mode.name}'s {least} worker(s); use NPROC x NNODES >= "
-               f"{loader.workers + 1 + least} or loader.workers<={max(0, world_size - 1 - least)}")
+               f"{loader.workers + 1 + least}{fewer}")
     yield from _positive("loader.prefetch", loader.prefetch)
     if not loader.timeout_s > 0:
         yield f"loader.timeout_s={loader.timeout_s}: must be a positive number of seconds"

@@ -4,6 +4,7 @@ consumers pulling batches from them over RPC (loader=service)."""
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
@@ -11,8 +12,9 @@ import torch
 
 from helpers.datasets import write_corrupt_image, write_imagefolder
 from helpers.events import read_scalars
-from helpers.launching import launch, ok
+from helpers.launching import REPO, launch, launch_env, ok
 from helpers.loader_hooks import by_consumer, read_ids
+from rpc_train.runtime.local_world import free_port
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -190,3 +192,20 @@ def test_hybrid_trainers_pull_click_rows_from_the_data_workers(tmp_path):
     got = torch.load(tmp_path / "served" / "model.pt", weights_only=True)
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_data_workers_on_two_torchrun_nodes_over_loopback(images, tmp_path):
+    # NNODES=2 x NPROC=3: the driver and data workers 1-2 on the first node to join, data
+    # worker 3 and the two stages on the other: a worker answers from another agent's world.
+    env = launch_env(tmp_path / "run", NNODES="2", NPROC="3", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}")
+    args = [str(REPO / "launch.sh"), *IMAGES, f"data.root={images}", *service(3), "runtime.interface=lo"]
+    nodes = [subprocess.Popen(args, cwd=REPO, env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=200)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    both = "".join(outputs)
+    assert "data service: 3 worker(s) on worker1, worker2, worker3" in both
+    assert "pipeline: 2 stages on worker4, worker5" in both
+    assert all(sum(v for _, v in read_scalars(tmp_path / "run")[f"loader/worker{i}/batches_per_s"]) > 0
+               for i in range(3))
