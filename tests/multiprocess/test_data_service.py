@@ -54,9 +54,10 @@ def assert_same_losses(a, b) -> None:
                                rtol=0, atol=1e-6)
 
 
-def test_two_workers_give_the_batches_and_losses_of_one_process(images, tmp_path):
-    local_dir, local_ids, _ = run(images, tmp_path, "local", [], 3)
-    served_dir, served_ids, result = run(images, tmp_path, "served", service(2), 5)
+def test_two_workers_and_their_store_give_the_batches_and_losses_of_one_process(images, tmp_path):
+    epochs = ["trainer.log_every=4"]  # each logged window is one epoch (4 batches)
+    local_dir, local_ids, _ = run(images, tmp_path, "local", epochs, 3)
+    served_dir, served_ids, _ = run(images, tmp_path, "served", [*epochs, *service(2), "loader.cache_mb=8"], 5)
     assert served_ids == local_ids and len(local_ids["driver"]) == 12  # 3 epochs of 4 batches
     assert_same_losses(served_dir, local_dir)
     log = (served_dir / "rank0.log").read_text()
@@ -67,27 +68,21 @@ def test_two_workers_give_the_batches_and_losses_of_one_process(images, tmp_path
                 "loader/worker1/batches_per_s", "loader/worker0/queue_depth_max", "loader/worker1/cpu_s_per_sample"):
         assert tag in scalars, (tag, sorted(scalars))
     assert all(0 <= v <= 1 for _, v in scalars["loader/input_wait_fraction"])
-    # Both workers made batches: least_loaded spreads a consumer's two requests in flight.
+    # Both workers made batches: least_loaded spreads a consumer's requests in flight.
     assert all(sum(v for _, v in scalars[f"loader/worker{i}/batches_per_s"]) > 0 for i in (0, 1))
-
-
-@pytest.mark.slow
-def test_one_worker_gives_the_same_batches_as_two(images, tmp_path):
-    one_dir, one_ids, _ = run(images, tmp_path, "one", service(1), 4)
-    two_dir, two_ids, _ = run(images, tmp_path, "two", service(2), 5)
-    assert one_ids == two_ids
-    assert_same_losses(one_dir, two_dir)
-
-
-def test_a_warm_store_decodes_nothing_in_epoch_2(images, tmp_path):
-    # log_every=4: each logged window is one epoch (4 batches).
-    run_dir, _, _ = run(images, tmp_path, "cached", [*service(2), "loader.cache_mb=8", "trainer.log_every=4"], 5)
-    scalars = read_scalars(run_dir)
     decoded = [sum(scalars[f"loader/worker{w}/decoded"][e][1] for w in (0, 1)) for e in range(3)]
     assert decoded == [36, 0, 0]  # every file once, in epoch 1 (train and validation), then none
     assert all(scalars[f"loader/worker{w}/cache_hit_rate"][-1][1] == 1.0 for w in (0, 1))
     held = sum(scalars[f"loader/worker{w}/store_mb"][-1][1] for w in (0, 1))
     assert held == pytest.approx(36 * 3 * 40 * 32 / 2 ** 20)  # each decoded uint8 image held once
+
+
+@pytest.mark.slow
+def test_one_worker_gives_the_same_batches_as_two_without_a_store(images, tmp_path):
+    one_dir, one_ids, _ = run(images, tmp_path, "one", service(1), 4)
+    two_dir, two_ids, _ = run(images, tmp_path, "two", service(2), 5)
+    assert one_ids == two_ids
+    assert_same_losses(one_dir, two_dir)
 
 
 @pytest.mark.slow
@@ -119,6 +114,7 @@ def broken_images(tmp_path):
     return root, write_corrupt_image(str(root / "class1"), "img_corrupt.jpg")
 
 
+@pytest.mark.slow
 def test_a_file_that_does_not_decode_is_one_line_naming_it(tmp_path):
     root, bad = broken_images(tmp_path)
     started = time.monotonic()

@@ -12,7 +12,7 @@ STEPS = ["experiment=smoke", "trainer.max_steps=6", "trainer.epochs=1"]
 
 
 @pytest.mark.parametrize("schedule, micro_batches, nproc, balance", [
-    ("1f1b", 1, 3, "params"), ("1f1b", 4, 3, "params"), ("gpipe", 4, 3, "params"),
+    ("1f1b", 1, 3, "params"), pytest.param("1f1b", 4, 3, "params", marks=pytest.mark.slow), ("gpipe", 4, 3, "params"),
     # Three stages, the first holding only the parameter-free Flatten: it has no optimizer.
     ("1f1b", 4, 4, "[1,2,2]"),
 ])

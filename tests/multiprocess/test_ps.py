@@ -112,6 +112,7 @@ def test_a_failing_trainer_stops_a_sync_job_naming_it(tmp_path):
     assert "sync mode needs every trainer" in errors[0]
 
 
+@pytest.mark.slow
 def test_a_failing_trainer_is_reported_and_async_training_goes_on(tmp_path):
     result = launch(PS + ["ps.sync=false", FAIL_AT_7], tmp_path / "run", timeout=120, NPROC="4")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -179,6 +180,7 @@ def test_a_non_finite_loss_stops_the_job_before_any_server_steps_on_it(tmp_path)
     assert not (tmp_path / "run" / "model.pt").exists()
 
 
+@pytest.mark.slow
 def test_an_async_non_finite_loss_names_the_trainer_the_staleness_and_a_remedy(tmp_path):
     result = launch(PS + ["ps.sync=false", "optim.lr=1e6"], tmp_path / "run", NPROC="4")
     assert result.returncode != 0

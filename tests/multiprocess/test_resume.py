@@ -48,6 +48,7 @@ def test_a_resumed_run_ends_with_the_same_parameters_bit_for_bit(tmp_path, first
     assert [step for step, _ in read_scalars(run)["train/loss"]] == [5, HALF, 10, 15, 20, 25, TOTAL]
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_skipped_with_a_warning(tmp_path, uninterrupted):
     run = tmp_path / "run"
     shutil.copytree(uninterrupted, run)
