@@ -114,6 +114,9 @@ def log_windows(logger: RunLogger, per_trainer: List[List[Dict[str, float]]]) ->
         last = {"train/loss": sum(w["train/loss"] for w in windows) / len(windows),
                 "time/lookup_ms": sum(w["time/lookup_ms"] for w in windows) / len(windows),
                 "throughput/samples_per_s": sum(w["samples"] for w in windows) / max(seconds, 1e-9)}
+        waited = sum(w.get("input_wait_s", 0.0) for w in windows)
+        if waited:  # loader=service: the trainers' share of time spent waiting for batches
+            last["loader/input_wait_fraction"] = waited / (waited + sum(w["seconds"] for w in windows))
         logger.scalars(int(windows[0]["step"]), last)
     return last
 

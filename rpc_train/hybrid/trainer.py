@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from rpc_train.checkpoint.shares import load_worker_state, save_worker_state
 from rpc_train.config.errors import first_line
 from rpc_train.loader.service import trainer_loader
+from rpc_train.loader.stream import BatchLoader
 from rpc_train.data.order import DataOrder
 from rpc_train.hybrid.group import dense_group
 from rpc_train.hybrid.model import DenseArch, build_dlrm
@@ -84,11 +85,18 @@ class HybridTrainer:
             window.add(loss, len(labels), time.perf_counter() - started, lookup_s)
             self.step, self.last_loss = self.step + 1, loss
             if self.step % self.log_every == 0:
-                windows.append(window.means(self.step))
+                windows.append(self._window_means(window))
                 window = _Window()
         if window.steps:
-            windows.append(window.means(self.step))
+            windows.append(self._window_means(window))
         return windows
+
+    def _window_means(self, window: "_Window") -> Dict[str, float]:
+        """The window's means, and with loader=service the time spent waiting for its batches."""
+        means = window.means(self.step)
+        if isinstance(self.loader, BatchLoader):
+            means["input_wait_s"] = self.loader.pop_stats()["waited_s"]
+        return means
 
     def _train_step(self, dense: torch.Tensor, sparse: torch.Tensor, labels: torch.Tensor) -> Tuple[float, float]:
         with dist_autograd.context() as context_id:

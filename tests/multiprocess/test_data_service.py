@@ -184,6 +184,7 @@ def test_hybrid_trainers_pull_click_rows_from_the_data_workers(tmp_path):
     hybrid = ["experiment=dlrm_synthetic", "data.size=2000", "trainer.max_steps=12", "trainer.batch_size=32"]
     ok(launch(hybrid, tmp_path / "local", NPROC="4"))
     ok(launch([*hybrid, *service(1)], tmp_path / "served", NPROC="5"))
+    assert "loader/input_wait_fraction" in read_scalars(tmp_path / "served")
     want = torch.load(tmp_path / "local" / "model.pt", weights_only=True)
     got = torch.load(tmp_path / "served" / "model.pt", weights_only=True)
     for name, value in want.items():

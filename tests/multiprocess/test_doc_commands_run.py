@@ -56,6 +56,7 @@ def test_quickstart_trains_the_default_job(quickstart):
     ("docs/pipeline.md", "", "val/accuracy", 0.5),  # chance: 0.1
     ("docs/parameter-server.md", "mode=parameter_server", "val/accuracy", 0.5),
     ("docs/hybrid.md", "experiment=dlrm_synthetic", "val/auc", 0.8),  # the page says about 0.86
+    ("docs/data-service.md", "loader=service", "val/accuracy", 0.9),  # the default job's batches, from 2 workers
 ])
 def test_each_mode_first_command_trains(page, naming, metric, better_than, tmp_path):
     command = first_command(page, naming)
