@@ -6,7 +6,7 @@ in-memory loaders are (data/datasets.py), so the same seed gives the same batche
 and a checkpoint's generator state means the same position in both.
 """
 
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from rpc_train.data.datasets import make_trainer_loader, train_loader_of, val_loader_of
 
@@ -34,7 +34,3 @@ def id_loaders(sizes: dict, batch_size: int, seed: int, trainer: int = 0, traine
     else:
         train_ids = train_loader_of(train, batch_size, seed)
     return train_ids, val_loader_of(IndexDataset(sizes["val"]), batch_size)
-
-
-def is_id_loader(loader) -> bool:
-    return isinstance(loader, DataLoader) and isinstance(loader.dataset, IndexDataset)
