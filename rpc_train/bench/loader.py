@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader
 from rpc_train.config.compose import compose
 from rpc_train.loader.maker import SampleDataset
 from rpc_train.loader.service import consumer_loaders, start_data_service
-from rpc_train.loader.stream import BatchLoader
 from rpc_train.metrics.table import format_table, rate_cell
 from rpc_train.runtime.local_world import run_in_local_world
 

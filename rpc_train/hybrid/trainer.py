@@ -21,7 +21,6 @@ import torch.distributed.autograd as dist_autograd
 import torch.distributed.rpc as rpc
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from rpc_train.checkpoint.shares import load_worker_state, save_worker_state

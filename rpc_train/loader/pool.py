@@ -73,7 +73,7 @@ class WorkerPool:
             except Exception as err:  # raised on the worker, or no answer within loader.timeout_s
                 self._leave_rotation(pending.worker, first_line(err), window, split, epoch)
                 continue
-            self._done(pending)
+            self._done(pending, served=True)
             return made
 
     def _send(self, pending: Pending, split: str, epoch: int) -> Pending:
@@ -88,11 +88,12 @@ class WorkerPool:
         pending.future = self.workers[worker].rpc_async(timeout=self.timeout_s).produce(split, pending.ids, epoch)
         return pending
 
-    def _done(self, pending: Pending) -> None:
+    def _done(self, pending: Pending, served: bool = False) -> None:
+        """`pending` is no longer on its worker's load; `served`: it answered (least_loaded's tie-break)."""
         load = self.loads[pending.worker]
         load.batches_in_flight -= 1
         load.rows_in_flight -= len(pending.ids)
-        load.served += 1
+        load.served += served
 
     def _choose(self) -> int:
         """A worker in the rotation, by the routing policy; while none is, wait for a probe."""

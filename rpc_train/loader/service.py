@@ -24,7 +24,7 @@ from rpc_train.data.files import CLICK_DATASETS
 from rpc_train.loader.order import id_loaders
 from rpc_train.loader.pool import WorkerPool
 from rpc_train.loader.stream import BatchLoader, LocalProducer
-from rpc_train.loader.worker import DataWorker, build_makers
+from rpc_train.loader.worker import DataWorker, build_makers, split_sizes
 from rpc_train.runtime.roles import data_worker_names
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def consumer_loaders(cfg: DictConfig, service: Optional[DataService], consumer: 
         return _remote(service, train_ids, val_ids, consumer)
     if _sample_by_sample(cfg.data, cfg.loader):
         makers = build_makers(cfg.data, cfg.loader, cfg.seed)
-        train_ids, val_ids = id_loaders(_sizes(makers), cfg.trainer.batch_size, cfg.seed)
+        train_ids, val_ids = id_loaders(split_sizes(makers), cfg.trainer.batch_size, cfg.seed)
         return _local(makers, train_ids, val_ids, cfg.loader, consumer)
     return make_loaders(cfg.data, cfg.trainer.batch_size, cfg.seed)
 
@@ -90,7 +90,7 @@ def trainer_loader(data_cfg: dict, loader_cfg: dict, service: Optional[DataServi
         return _remote(service, train_ids, val_ids, name)[0]
     if _sample_by_sample(OmegaConf.create(data_cfg), loader):
         makers = build_makers(OmegaConf.create(data_cfg), loader, seed)
-        train_ids, val_ids = id_loaders(_sizes(makers), batch_size, seed, trainer, trainers)
+        train_ids, val_ids = id_loaders(split_sizes(makers), batch_size, seed, trainer, trainers)
         return _local(makers, train_ids, val_ids, loader, name)[0]
     data = OmegaConf.create(data_cfg)
     train, _ = load_clicks(data, seed) if data.name in CLICK_DATASETS else load_datasets(data, seed)
@@ -119,6 +119,3 @@ def _sample_by_sample(data, loader) -> bool:
     return (data.name == "imagefolder" or loader.get("transform") is not None
             or loader.get("val_transform") is not None)
 
-
-def _sizes(makers: dict) -> Dict[str, int]:
-    return {split: len(maker.source) for split, maker in makers.items()}

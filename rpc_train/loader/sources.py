@@ -11,7 +11,7 @@ from typing import List, Protocol, Tuple
 import torch
 from torch.utils.data import TensorDataset
 
-from rpc_train.config.errors import ConfigError, first_line
+from rpc_train.config.errors import first_line
 from rpc_train.data.files import CLICK_DATASETS
 
 # PIL ends "cannot identify image file" with the file object's repr, which names the path again.

@@ -17,7 +17,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from rpc_train.config.errors import RunFailure
-from rpc_train.loader.maker import BatchMaker
 from rpc_train.loader.sources import SampleError
 
 log = logging.getLogger(__name__)

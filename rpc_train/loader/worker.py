@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
+from rpc_train.config.errors import first_line
 from rpc_train.loader.maker import Batch, BatchMaker
 from rpc_train.loader.ring import HashRing
 from rpc_train.loader.sources import SampleError, build_sources
@@ -62,7 +63,7 @@ class DataWorker:
         return self.sizes()
 
     def sizes(self) -> Dict[str, int]:
-        return {split: len(maker.source) for split, maker in self.makers.items()}
+        return split_sizes(self.makers)
 
     def ping(self) -> bool:
         """Answered by an RPC thread: the pool's probe that this worker answers again."""
@@ -115,8 +116,8 @@ class DataWorker:
     def _cached(self, split: str, ids: List[int]) -> Dict[int, torch.Tensor]:
         found: Dict[int, torch.Tensor] = {}
         asked = {}
-        for owner, keys in self._ring_now().owners([f"{split}/{i}" for i in ids]).items():
-            wanted = [int(k.split("/")[1]) for k in keys]
+        for owner, keys in self._ring_now().owners([_key(split, i) for i in ids]).items():
+            wanted = [_id(k) for k in keys]
             if owner == self.name:
                 found.update(self.store_get(split, wanted))
             else:
@@ -132,8 +133,8 @@ class DataWorker:
         if not decoded:
             return
         sent = {}
-        for owner, keys in self._ring_now().owners([f"{split}/{i}" for i in decoded]).items():
-            items = {int(k.split("/")[1]): decoded[int(k.split("/")[1])] for k in keys}
+        for owner, keys in self._ring_now().owners([_key(split, i) for i in decoded]).items():
+            items = {_id(k): decoded[_id(k)] for k in keys}
             if owner == self.name:
                 self.store_put(split, items)
             else:
@@ -147,14 +148,14 @@ class DataWorker:
     def _lose(self, owner: str, err: Exception) -> None:
         if owner not in self._left:
             log.warning("data worker %s: %s did not answer the store (%s); its share of the samples moves to the "
-                        "others for %g s", self.name, owner, str(err).splitlines()[0], REJOIN_AFTER_S)
+                        "others for %g s", self.name, owner, first_line(err), REJOIN_AFTER_S)
         self._left[owner] = time.monotonic()
 
     def store_get(self, split: str, ids: List[int]) -> Dict[int, torch.Tensor]:
-        return {int(k.split("/")[1]): v for k, v in self.store.get_many([f"{split}/{i}" for i in ids]).items()}
+        return {_id(k): v for k, v in self.store.get_many([_key(split, i) for i in ids]).items()}
 
     def store_put(self, split: str, items: Dict[int, torch.Tensor]) -> None:
-        self.store.put_many({f"{split}/{i}": v for i, v in items.items()})
+        self.store.put_many({_key(split, i): v for i, v in items.items()})
 
     # Metrics, for the driver's TensorBoard.
     @staticmethod
@@ -184,6 +185,19 @@ class DataWorker:
         if looked_up:
             out["cache_hit_rate"] = hits["hits"] / looked_up
         return out
+
+
+def _key(split: str, i: int) -> str:
+    """A sample's key on the ring and in the stores ("train/17"): the same on every worker."""
+    return f"{split}/{i}"
+
+
+def _id(key: str) -> int:
+    return int(key.split("/")[1])
+
+
+def split_sizes(makers: Dict[str, BatchMaker]) -> Dict[str, int]:
+    return {split: len(maker.source) for split, maker in makers.items()}
 
 
 def build_makers(data, loader, seed: int) -> Dict[str, BatchMaker]:

@@ -19,7 +19,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed.rpc as rpc
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from rpc_train.training.builders import build_model
 from rpc_train.data.order import DataOrder
