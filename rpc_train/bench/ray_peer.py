@@ -50,12 +50,12 @@ def _deployment(max_batch_size: int, replicas: int, threads: int):
                       ray_actor_options={"num_cpus": 1})
     class InferencePeer:
         def __init__(self, run: str):
-            from rpc_train.serve.codec import ModelSpec
+            from rpc_train.serve.spec import ModelSpec
             from rpc_train.serve.source import build_served, served_model
 
             torch.set_num_threads(threads)  # the cores shared among the replicas, as rpc_train's are
             served = served_model(run, None)
-            self.spec = ModelSpec(served.name, served.shape, served.num_classes, max_batch_size)
+            self.spec = ModelSpec.classifier(served.name, served.shape, served.num_classes, max_batch_size)
             self.model = build_served(served).eval()
 
         async def ModelInfer(self, raw: bytes):  # noqa: N802 - the protocol's method name

@@ -24,6 +24,7 @@ import torch.distributed.rpc as rpc
 from rpc_train.config.errors import first_line
 from rpc_train.serve.replica import answer, infer_on_stage
 from rpc_train.serve.routing import Policy, ReplicaLoad
+from rpc_train.serve.tensors import ServeError
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,8 @@ PROBE_EVERY_S = 0.5
 _FINISHING = threading.Lock()
 
 
-class Refused(Exception):
+class Refused(ServeError):
     """A request the queue cannot take: RESOURCE_EXHAUSTED (full) or UNAVAILABLE (draining, no replica)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 @dataclass(eq=False)  # by identity: the dispatcher keeps a set of them

@@ -22,13 +22,14 @@ from rpc_train.pipeline.partition import plan_stages, stage_bounds
 from rpc_train.runtime.world import worker_name
 from rpc_train.checkpoint.store import sha256_of
 from rpc_train.serve.cache import ResponseCache
-from rpc_train.serve.codec import ModelSpec
+from rpc_train.serve.core import ServingCore
 from rpc_train.serve.dispatch import BatchingLimits, Dispatcher, Replica
 from rpc_train.serve.frontend import HealthReporter, InferenceService, start_server
 from rpc_train.serve.observe import ServeMetrics, summary_line
 from rpc_train.serve.replica import ServeStage, infer_on_stage
 from rpc_train.serve.routing import POLICIES
 from rpc_train.serve.source import ServedModel, build_served, served_model
+from rpc_train.serve.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,9 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
                             conf.max_queue_size, conf.replica_timeout_s)
     dispatcher = Dispatcher(replicas, POLICIES[conf.routing](), limits, on_batch=metrics.batch_sent)
     cache = ResponseCache(conf.cache_size, sha256_of(served.weights)) if conf.cache_size else None
-    spec = ModelSpec(served.name, served.shape, served.num_classes, conf.max_batch_size)
-    service, health = InferenceService(spec, dispatcher, conf.max_message_mb, metrics, cache), HealthReporter()
+    spec = ModelSpec.classifier(served.name, served.shape, served.num_classes, conf.max_batch_size)
+    core = ServingCore(spec, dispatcher, metrics, conf.max_message_mb, cache)
+    service, health = InferenceService(core), HealthReporter()
     try:
         server = start_server(service, health, conf)
         if conf.metrics_port:
@@ -93,8 +95,8 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     logger, started = RunLogger(run_dir), time.monotonic()
     logger.config(cfg)
     try:
-        report(stop, metrics, logger, conf.log_every_s, health, service)
-        _drain_and_stop(conf, service, health, dispatcher, server, rrefs)
+        report(stop, metrics, logger, conf.log_every_s, health, core)
+        _drain_and_stop(conf, core, health, dispatcher, server, rrefs)
     finally:
         # The config and the session's totals, as a training run ends with its HParams.
         logger.hparams(flat_hparams(cfg), metrics.totals(time.monotonic() - started))
@@ -102,17 +104,17 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     return {}
 
 
-def _drain_and_stop(conf, service: InferenceService, health: HealthReporter, dispatcher: Dispatcher, server,
+def _drain_and_stop(conf, core: ServingCore, health: HealthReporter, dispatcher: Dispatcher, server,
                     rrefs) -> None:
     """Answer what is queued and in flight, refuse what comes, stop gRPC, free the replicas."""
     log.info("draining: new requests get UNAVAILABLE, queued and in-flight ones are answered")
-    service.draining = True
+    core.draining = True
     health.update(False)
     drained = dispatcher.drain(timeout_s=2 * conf.replica_timeout_s)
     # Every handler has its answer now; new calls keep getting UNAVAILABLE from the handlers for a
     # moment, so that few arrive just as gRPC closes (those may see CANCELLED instead).
     linger_until = time.monotonic() + LINGER_S
-    while time.monotonic() < linger_until or not service.idle():
+    while time.monotonic() < linger_until or not core.idle():
         time.sleep(0.05)
         if time.monotonic() > linger_until + 5:
             break
@@ -126,12 +128,12 @@ def _drain_and_stop(conf, service: InferenceService, health: HealthReporter, dis
 
 
 def report(stop: threading.Event, metrics: ServeMetrics, logger: RunLogger, every_s: float, health: HealthReporter,
-           service: InferenceService) -> None:
+           core: ServingCore) -> None:
     """Until told to stop: readiness to the health service, and every `every_s` the window's
     scalars to TensorBoard (step: seconds since ready) and one line to the log."""
     started = next_report = time.monotonic()
     while not stop.wait(0.5):
-        health.update(service.ready())
+        health.update(core.ready())
         if time.monotonic() >= next_report + every_s:
             next_report = time.monotonic()
             scalars = metrics.window()

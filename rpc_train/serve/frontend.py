@@ -1,27 +1,24 @@
-"""The gRPC front end: the Open Inference Protocol's GRPCInferenceService and grpc.health.v1.
+"""The gRPC door: the Open Inference Protocol's GRPCInferenceService and grpc.health.v1.
 
-Handlers check a request (`codec.decode`), queue its rows (`Dispatcher.submit`) and wait for
-them, at most until the client's deadline. Status codes keep gRPC's meanings: INVALID_ARGUMENT
-for a bad request, NOT_FOUND for another model, RESOURCE_EXHAUSTED for a full queue,
-UNAVAILABLE while not ready or draining, DEADLINE_EXCEEDED; INTERNAL only for our own bugs.
+Each method translates its message for the core (`core.py`) and the core's answer or
+`ServeError` back: the status codes keep gRPC's meanings (INVALID_ARGUMENT for a bad request,
+NOT_FOUND for another model, RESOURCE_EXHAUSTED for a full queue, UNAVAILABLE while not ready
+or draining, DEADLINE_EXCEEDED; INTERNAL only for our own bugs).
 """
 
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Iterator, Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-import rpc_train
-from rpc_train.serve.cache import ResponseCache
-from rpc_train.serve.codec import BadRequest, ModelSpec, check_model, decode, encode
-from rpc_train.serve.dispatch import Dispatcher, Refused
-from rpc_train.serve.observe import ServeMetrics
+from rpc_train.serve.codec import message_of, reply_message, parameters_of, request_of
+from rpc_train.serve.core import ServingCore
 from rpc_train.serve.protocol import SERVICE, handler, pb
 from rpc_train.serve.security import TokenAuth, server_credentials
+from rpc_train.serve.tensors import ServeError
 
 log = logging.getLogger(__name__)
 
@@ -29,97 +26,76 @@ NO_DEADLINE_S = 10 ** 6
 
 
 class InferenceService:
-    """The protocol's methods (protocol.METHODS), by their names."""
+    """The protocol's methods (protocol.METHODS), by their names, answered by the core."""
 
-    def __init__(self, spec: ModelSpec, dispatcher: Dispatcher, max_message_mb: float, metrics: ServeMetrics,
-                 cache: Optional[ResponseCache] = None):
-        self.spec, self.dispatcher, self.metrics, self.cache = spec, dispatcher, metrics, cache
-        self.max_message_mb, self.max_message_bytes = max_message_mb, message_bytes(max_message_mb)
-        self.draining = False
-        self._active, self._active_lock = 0, threading.Lock()  # ModelInfer calls being handled
+    def __init__(self, core: ServingCore):
+        self.core = core
 
     def ServerLive(self, request, context):
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=self.core.live())
 
     def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.ready())
+        return pb.ServerReadyResponse(ready=self.core.ready())
 
     def ModelReady(self, request, context):
-        self._check_model(request.name, request.version, context)
-        return pb.ModelReadyResponse(ready=self.ready())
+        return pb.ModelReadyResponse(ready=_answer(context, self.core.model_ready, request.name, request.version))
 
     def ServerMetadata(self, request, context):
-        return pb.ServerMetadataResponse(name="rpc_train", version=rpc_train.__version__, extensions=[])
+        return message_of(self.core.server_metadata(), pb.ServerMetadataResponse)
 
     def ModelMetadata(self, request, context):
-        self._check_model(request.name, request.version, context)
-        return self.spec.metadata()
+        document = _answer(context, self.core.model_metadata, request.name, request.version)
+        return message_of(document, pb.ModelMetadataResponse)
 
     def ModelInfer(self, request, context):
-        with self._active_lock:
-            self._active += 1
-        try:
-            return self._answer(request, context)
-        finally:
-            with self._active_lock:
-                self._active -= 1
+        return reply_message(_answer(context, self.core.infer, request_of_call(request, context)))
 
-    def idle(self) -> bool:
-        with self._active_lock:
-            return self._active == 0
+    def ModelStreamInfer(self, requests, context) -> Iterator:
+        """Each request on the stream is answered on it, in order; an error is that request's
+        `error_message` and the stream goes on."""
+        for request in requests:
+            try:
+                reply = self.core.infer(request_of(request, _deadline(context)))
+            except ServeError as err:
+                yield pb.ModelStreamInferResponse(error_message=err.message)
+                continue
+            yield pb.ModelStreamInferResponse(infer_response=reply_message(reply))
 
-    def _answer(self, request, context):
-        started = time.monotonic()
-        try:
-            reply, queued_s = self._infer(request, _deadline(context))
-        except (BadRequest, Refused) as err:
-            self.metrics.request(err.code.name, time.monotonic() - started, None)
-            context.abort(err.code, err.message)
-        except Exception:  # noqa: BLE001 - our own bug: say so, keep serving the others
-            log.exception("ModelInfer failed")
-            self.metrics.request(grpc.StatusCode.INTERNAL.name, time.monotonic() - started, None)
-            context.abort(grpc.StatusCode.INTERNAL, "the server failed on this request (its log says why)")
-        self.metrics.request("OK", time.monotonic() - started, queued_s)
-        return reply
+    def ModelConfig(self, request, context):
+        document = _answer(context, self.core.model_config, request.name, request.version)
+        return message_of(document, pb.ModelConfigResponse)
 
-    def _infer(self, request, deadline: Optional[float]) -> tuple:
-        """(the reply, seconds its rows waited to leave for a replica, None from the cache)."""
-        if self.draining:
-            raise Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")
-        size = request.ByteSize()
-        if size > self.max_message_bytes:
-            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"the request is {size} bytes, over serve.max_message_mb={self.max_message_mb:g} MiB; "
-                             "send fewer rows per request")
-        rows = decode(request, self.spec)
-        key = self.cache.key(rows) if self.cache is not None else None
-        if key is not None:
-            answer = self.cache.get(key)
-            self.metrics.cache_lookup(answer is not None)
-            if answer is not None:
-                return encode(request, self.spec, answer, 0, cached=True), None
-        pending = self.dispatcher.submit(rows, deadline)
-        if not pending.done.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic())):
-            pending.abandoned = True  # the batcher drops it if it is still queued
-            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the answer")
-        if pending.error is not None:
-            raise pending.error
-        if key is not None:
-            self.cache.put(key, pending.logits)
-        return encode(request, self.spec, pending.logits, pending.batch_rows), pending.sent - pending.enqueued
+    def ModelStatistics(self, request, context):
+        document = _answer(context, self.core.model_statistics, request.name, request.version)
+        return message_of(document, pb.ModelStatisticsResponse)
 
-    def ready(self) -> bool:
-        return not self.draining and self.dispatcher.ready()
+    def RepositoryIndex(self, request, context):
+        models = _answer(context, self.core.repository_index, request.ready)
+        return message_of({"models": models}, pb.RepositoryIndexResponse)
 
-    def _check_model(self, name: str, version: str, context) -> None:
-        try:
-            check_model(self.spec, name, version)
-        except BadRequest as err:
-            context.abort(err.code, err.message)
+    def RepositoryModelLoad(self, request, context):
+        _answer(context, self.core.load, request.model_name, parameters_of(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(self, request, context):
+        _answer(context, self.core.unload, request.model_name, parameters_of(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
 
 
-def message_bytes(mb: float) -> int:
-    return int(mb * 2 ** 20)
+def request_of_call(message, context):
+    """The core's request, with the client's deadline; a malformed message is the client's error."""
+    try:
+        return request_of(message, _deadline(context))
+    except ServeError as err:
+        context.abort(err.code, err.message)
+
+
+def _answer(context, method, *args):
+    """`method(*args)`, or the call aborted with the status its ServeError names."""
+    try:
+        return method(*args)
+    except ServeError as err:
+        context.abort(err.code, err.message)
 
 
 def _deadline(context) -> Optional[float]:
@@ -147,7 +123,7 @@ def start_server(service: InferenceService, reporter: HealthReporter, conf) -> g
     that cannot be bound raises RuntimeError."""
     # gRPC's own limit sits well above ours, so that a request over ours still reaches the handler
     # and gets INVALID_ARGUMENT naming the limit; past gRPC's, gRPC answers RESOURCE_EXHAUSTED.
-    limit = 4 * service.max_message_bytes
+    limit = 4 * service.core.max_message_bytes
     server = grpc.server(ThreadPoolExecutor(max_workers=conf.threads, thread_name_prefix="grpc"),
                          interceptors=[TokenAuth(conf.auth_token_file)] if conf.auth_token_file else [],
                          options=[("grpc.max_receive_message_length", limit),

@@ -49,9 +49,10 @@ def handler(servicer: Any) -> grpc.GenericRpcHandler:
     handlers = {}
     for name, method in METHODS.items():
         request, reply = _classes(method)
-        handlers[name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name), request_deserializer=request.FromString,
-            response_serializer=reply.SerializeToString)
+        make = (grpc.stream_stream_rpc_method_handler if method.client_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[name] = make(getattr(servicer, name), request_deserializer=request.FromString,
+                              response_serializer=reply.SerializeToString)
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
@@ -61,5 +62,6 @@ class Stub:
     def __init__(self, channel: grpc.Channel):
         for name, method in METHODS.items():
             request, reply = _classes(method)
-            setattr(self, name, channel.unary_unary(f"/{SERVICE}/{name}", request_serializer=request.SerializeToString,
+            call = channel.stream_stream if method.client_streaming else channel.unary_unary
+            setattr(self, name, call(f"/{SERVICE}/{name}", request_serializer=request.SerializeToString,
                                                     response_deserializer=reply.FromString))

@@ -1,6 +1,7 @@
 """mode=serve end to end: a trained smoke model behind the Open Inference Protocol, asked by the
 official tritonclient and by rpc_train's own client over real gRPC on loopback."""
 
+import queue
 import shutil
 import socket
 import subprocess
@@ -145,8 +146,27 @@ def test_a_bad_request_gets_a_clear_status_and_the_server_goes_on(server, traine
 
 
 def test_methods_we_do_not_serve_answer_unimplemented(server):
-    code, _ = call(server, service_pb2.ModelConfigRequest(name="mlp"), method="ModelConfig")
+    code, _ = call(server, service_pb2.SystemSharedMemoryStatusRequest(), method="SystemSharedMemoryStatus")
     assert code == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_stream_answers_each_request_and_an_error_does_not_close_it(server, trained):
+    replies = queue.Queue()
+    client = triton.InferenceServerClient(server.url)
+    client.start_stream(callback=lambda result, error: replies.put((result, error)))
+    rows = digits_rows(6)
+    try:
+        client.async_stream_infer("mlp", [triton_input(rows[:2])], request_id="a")
+        client.async_stream_infer("mlp", [triton_input(rows[:2], name="pixels")], request_id="bad")
+        client.async_stream_infer("mlp", [triton_input(rows[2:])], request_id="b")
+        got = [replies.get(timeout=30) for _ in range(3)]
+    finally:
+        client.stop_stream()
+    (first, ok_a), (_, error), (second, ok_b) = got
+    assert ok_a is None and ok_b is None and "inputs ['pixels']" in str(error)
+    assert first.get_response().id == "a" and second.get_response().id == "b"
+    np.testing.assert_allclose(np.concatenate([first.as_numpy("logits"), second.as_numpy("logits")]),
+                               served_reference(trained, rows), rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from rpc_train.config.errors import ConfigError
-from rpc_train.serve.codec import BadRequest, ModelSpec, decode, encode
+from rpc_train.serve.codec import decode, encode
 from rpc_train.serve.protocol import pb
 from rpc_train.serve.routing import POLICIES, ReplicaLoad
 from rpc_train.serve.source import newest_run, served_model
+from rpc_train.serve.spec import ModelSpec
+from rpc_train.serve.tensors import BadRequest
 
 pytestmark = pytest.mark.timeout(60)
 
-SPEC = ModelSpec("mlp", [1, 8, 8], 10, max_batch_size=4)
+SPEC = ModelSpec.classifier("mlp", [1, 8, 8], 10, max_batch_size=4)
 
 
 def request(rows: np.ndarray, typed: bool = False):

@@ -1,0 +1,137 @@
+"""The one request path behind both doors: every protocol method, protocol-neutral.
+
+gRPC (`frontend.py`) and HTTP (`http_server.py`) translate their messages into the calls
+here and map `ServeError`'s code to their own status; neither decides anything. Answers that
+the protocol defines as documents (metadata, config, statistics, the repository index) are
+returned as dicts in the protocol's JSON form: HTTP sends them as they are, gRPC parses them
+into its messages (`json_format.ParseDict`), so the two cannot disagree.
+
+A ModelInfer: size check -> rows checked against the model (`ModelSpec.rows`) -> the cache ->
+the dispatcher's queue and batcher -> a replica -> the reply.
+"""
+
+import logging
+import threading
+import time
+from typing import Optional, Tuple
+
+import grpc
+
+import rpc_train
+from rpc_train.serve.cache import ResponseCache
+from rpc_train.serve.dispatch import Dispatcher, Refused
+from rpc_train.serve.observe import ServeMetrics
+from rpc_train.serve.spec import InferReply, InferRequest, ModelSpec
+from rpc_train.serve.tensors import BadRequest, ServeError
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data"]
+
+
+class ServingCore:
+    def __init__(self, spec: ModelSpec, dispatcher: Dispatcher, metrics: ServeMetrics, max_message_mb: float,
+                 cache: Optional[ResponseCache] = None):
+        self.spec, self.dispatcher, self.metrics, self.cache = spec, dispatcher, metrics, cache
+        self.max_message_mb, self.max_message_bytes = max_message_mb, message_bytes(max_message_mb)
+        self.draining = False
+        self._active, self._active_lock = 0, threading.Lock()  # ModelInfer calls being answered
+
+    # -- health and metadata
+    def live(self) -> bool:
+        return True  # never depends on a model: a process that answers is alive
+
+    def ready(self) -> bool:
+        return not self.draining and self.dispatcher.ready()
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        self.spec.check(name, version)
+        return self.ready()
+
+    def server_metadata(self) -> dict:
+        return {"name": "rpc_train", "version": rpc_train.__version__, "extensions": EXTENSIONS}
+
+    def model_metadata(self, name: str, version: str = "") -> dict:
+        self.spec.check(name, version)
+        return self.spec.metadata()
+
+    def model_config(self, name: str, version: str = "") -> dict:
+        """ModelConfig in Triton's schema (its JSON form: {"config": {...}})."""
+        raise _unsupported("ModelConfig")
+
+    def model_statistics(self, name: str = "", version: str = "") -> dict:
+        """ModelStatistics in the protocol's JSON form: {"model_stats": [...]}, every model for an empty name."""
+        raise _unsupported("ModelStatistics")
+
+    # -- the model repository extension
+    def repository_index(self, ready_only: bool = False) -> list:
+        """[{"name", "version", "state", "reason"}] of every model (version) known."""
+        raise _unsupported("RepositoryIndex")
+
+    def load(self, name: str, parameters: dict) -> None:
+        raise _unsupported("RepositoryModelLoad")
+
+    def unload(self, name: str, parameters: dict) -> None:
+        raise _unsupported("RepositoryModelUnload")
+
+    # -- inference
+    def infer(self, request: InferRequest) -> InferReply:
+        """The reply, or ServeError with the status the caller gets; every call is counted."""
+        started = time.monotonic()
+        with self._active_lock:
+            self._active += 1
+        try:
+            reply, queued_s = self._infer(request)
+        except ServeError as err:
+            self.metrics.request(err.code.name, time.monotonic() - started, None)
+            raise
+        except Exception as err:  # noqa: BLE001 - our own bug: say so, keep serving the others
+            log.exception("ModelInfer failed")
+            self.metrics.request(grpc.StatusCode.INTERNAL.name, time.monotonic() - started, None)
+            raise ServeError(grpc.StatusCode.INTERNAL, "the server failed on this request (its log says why)") \
+                from err
+        finally:
+            with self._active_lock:
+                self._active -= 1
+        self.metrics.request("OK", time.monotonic() - started, queued_s)
+        return reply
+
+    def idle(self) -> bool:
+        with self._active_lock:
+            return self._active == 0
+
+    def _infer(self, request: InferRequest) -> Tuple[InferReply, Optional[float]]:
+        """(the reply, seconds its rows waited to leave for a replica; None from the cache)."""
+        if self.draining:
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")
+        if request.size > self.max_message_bytes:
+            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"the request is {request.size} bytes, over serve.max_message_mb="
+                             f"{self.max_message_mb:g} MiB; send fewer rows per request")
+        rows = self.spec.rows(request)
+        key = self.cache.key(rows) if self.cache is not None else None
+        if key is not None:
+            answer = self.cache.get(key)
+            self.metrics.cache_lookup(answer is not None)
+            if answer is not None:
+                return self.spec.reply(request, answer, {"cache_hit": True}), None
+        pending = self.dispatcher.submit(rows, request.deadline)
+        deadline = request.deadline
+        if not pending.done.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic())):
+            pending.abandoned = True  # the batcher drops it if it is still queued
+            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the answer")
+        if pending.error is not None:
+            raise pending.error
+        if key is not None:
+            self.cache.put(key, pending.logits)
+        reply = self.spec.reply(request, pending.logits, {"batch_rows": pending.batch_rows})
+        return reply, pending.sent - pending.enqueued
+
+
+def _unsupported(method: str) -> ServeError:
+    return ServeError(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not served by rpc_train")
+
+
+def message_bytes(mb: float) -> int:
+    return int(mb * 2 ** 20)
+

@@ -1,0 +1,96 @@
+"""Tensors as the Open Inference Protocol carries them, whichever door they came through.
+
+A door (gRPC or HTTP) only says what a tensor is called, its datatype and shape, and where its
+values are: raw little-endian bytes (gRPC's raw_input_contents, HTTP's binary extension) or a
+list of values (gRPC's typed contents, HTTP's JSON `data`). The core checks name, datatype and
+shape against the model first and decodes the values after, so that a request with a wrong
+datatype is told so, not that its bytes do not add up.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import grpc
+import numpy as np
+
+
+class ServeError(Exception):
+    """A request that gets a status other than OK; `code` keeps gRPC's meaning, and each door
+    maps it to its own status (HTTP: 400, 404, 429, 503, ...)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class BadRequest(ServeError):
+    """The request itself is wrong: INVALID_ARGUMENT, or NOT_FOUND for what is not served here."""
+
+
+def invalid(message: str) -> BadRequest:
+    return BadRequest(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+# The protocol's datatypes that map to a fixed-size little-endian numpy type.
+NUMPY_TYPES = {"BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "<i1",
+               "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
+
+
+@dataclass
+class Tensor:
+    """One input or output: its values are in `raw` (bytes) or `values` (a flat sequence)."""
+
+    name: str
+    datatype: str
+    shape: List[int]
+    raw: Optional[bytes] = None
+    values: Optional[Sequence] = None
+    source: str = "data"  # what the door calls where the values came from, for error messages
+
+    def array(self) -> np.ndarray:
+        """The values as a writable numpy array of `shape`; BadRequest when they do not fit it."""
+        dtype = np.dtype(NUMPY_TYPES[self.datatype])
+        count = math.prod(self.shape)
+        if self.raw is not None:
+            if len(self.raw) != dtype.itemsize * count:
+                raise invalid(f"input '{self.name}' {self.source} holds {len(self.raw)} bytes; shape {self.shape} "
+                              f"of {self.datatype} needs {dtype.itemsize * count}")
+            return np.frombuffer(self.raw, dtype=dtype).reshape(self.shape).copy()
+        values = [] if self.values is None else self.values
+        flat = _flatten(values)
+        if len(flat) != count:
+            raise invalid(f"input '{self.name}' {self.source} holds {len(flat)} values; shape {self.shape} needs "
+                          f"{count}")
+        try:
+            return np.asarray(flat, dtype=dtype).reshape(self.shape)
+        except (TypeError, ValueError, OverflowError) as err:
+            raise invalid(f"input '{self.name}' {self.source}: values that are not {self.datatype} ({err})") from err
+
+
+def _flatten(values: Sequence) -> list:
+    """JSON may nest the values by row ([[1, 2], [3, 4]]) or give them flat; both are the protocol's."""
+    if values and isinstance(values[0], (list, tuple)):
+        return [v for row in values for v in _flatten(row)]
+    return list(values)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a model: its name, datatype, and one row's shape."""
+
+    name: str
+    datatype: str
+    dims: List[int]
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "datatype": self.datatype, "shape": [-1, *self.dims]}
+
+    def config(self) -> dict:
+        return {"name": self.name, "data_type": f"TYPE_{self.datatype}", "dims": list(self.dims)}
+
+
+def output_tensor(spec: TensorSpec, array: np.ndarray) -> Tensor:
+    """A reply's tensor: raw little-endian bytes of the datatype the model gives."""
+    out = np.ascontiguousarray(array, dtype=np.dtype(NUMPY_TYPES[spec.datatype]))
+    return Tensor(spec.name, spec.datatype, list(out.shape), raw=out.tobytes())
