@@ -127,6 +127,7 @@ class ServingCore:
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
                              f"the request is {request.size} bytes, over serve.max_message_mb="
                              f"{self.max_message_mb:g} MiB; send fewer rows per request")
+        asked = request
         version = self.version_of(request.model, request.version)
         request, spec = replace(request, version=version.version), version.spec
         rows = spec.rows(request)
@@ -136,7 +137,13 @@ class ServingCore:
             self.metrics.cache_lookup(answer is not None)
             if answer is not None:
                 return spec.reply(request, answer, {"cache_hit": True}), None
-        pending = self.dispatcher.submit(version.key, rows, request.deadline)
+        try:
+            pending = self.dispatcher.submit(version.key, rows, request.deadline)
+        except Refused as err:
+            if asked.version or err.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            # The default version was unloaded between its choice and the queue: a newer one is the default now.
+            return self._infer(asked)
         deadline = request.deadline
         if not pending.done.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic())):
             pending.abandoned = True  # the batcher drops it if it is still queued
