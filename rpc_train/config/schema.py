@@ -7,7 +7,7 @@ process starts RPC. `model` and `optim` stay free-form: they are `_target_` dict
 """
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -164,6 +164,14 @@ class ServeConf:
     port: int = 8001
     # The model's name in the protocol; null: the served run's model option (mlp, convnet, ...).
     model_name: Optional[str] = None
+    # Several models, name -> run dir: +serve.models.a=outputs/A +serve.models.b=outputs/B;
+    # empty: the one model above (serve.run, named serve.model_name). RepositoryModelLoad adds
+    # versions (and models) while serving.
+    models: Dict[str, str] = field(default_factory=dict)
+    # Versions kept loaded per model (the newest ones); older ones are unloaded once no batch uses them.
+    keep_versions: int = 2
+    # Load a newer model.pt of each served run as training writes it (polled every second).
+    watch: bool = False
     # Stages per replica: (workers) / stages replicas, each a pipeline of this many stages.
     stages: int = 1
     # Dynamic batching: at most this many rows a batch (a request counts its rows) ...

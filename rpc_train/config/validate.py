@@ -240,7 +240,7 @@ def _serve_problems(serve: DictConfig, world_size: int) -> Iterator[str]:
         yield (f"serve.stages={serve.stages} does not divide the {workers} workers (NPROC x NNODES - 1) into "
                f"replicas; use serve.stages in {[s for s in range(1, workers + 1) if workers % s == 0]} or "
                f"NPROC x NNODES = {serve.stages * max(1, workers // serve.stages) + 1}")
-    for key in ("max_batch_size", "max_inflight_batches", "max_queue_size", "threads"):
+    for key in ("max_batch_size", "max_inflight_batches", "max_queue_size", "threads", "keep_versions"):
         yield from _positive(f"serve.{key}", serve[key])
     if serve.max_queue_size < serve.max_batch_size:
         yield (f"serve.max_queue_size={serve.max_queue_size} is below serve.max_batch_size={serve.max_batch_size}: "

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 def predict(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     served = served_model(cfg.serve.run, cfg.serve.model_name)
+    if served.is_dlrm:
+        raise ConfigError(f"serve.run={served.run_dir}: a mode=hybrid run (a DLRM); mode=predict takes image "
+                          "models; serve it with mode=serve instead")
     if list(cfg.data.shape) != served.shape:
         raise ConfigError(f"data.shape={list(cfg.data.shape)} but the model of {served.run_dir} takes {served.shape}; "
                           f"set data.image_size={served.shape[-1]} (the size it was trained on)")

@@ -1,28 +1,29 @@
 """Answers to repeated inputs, kept LRU: a hit is answered by the front end, never by a replica.
 
-The key is a digest of the model file's hash, the datatype, the shape and the input's bytes,
-so a cache never outlives the model it answered for, and equal rows of another shape (or
-type) are other inputs.
+The key is a digest of the model file's hash (each version's own) and every input's datatype,
+shape and bytes, so an answer never outlives the version that computed it, and equal rows of
+another shape (or type) are other inputs.
 """
 
 import hashlib
 import threading
 from collections import OrderedDict
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 
 class ResponseCache:
-    def __init__(self, size: int, model_digest: str):
-        self.size, self._model = size, model_digest.encode()
+    def __init__(self, size: int):
+        self.size = size
         self._answers: "OrderedDict[bytes, torch.Tensor]" = OrderedDict()
         self._lock = threading.Lock()
 
-    def key(self, rows: torch.Tensor) -> bytes:
-        digest = hashlib.blake2b(self._model, digest_size=32)
-        digest.update(f"{rows.dtype}{list(rows.shape)}".encode())
-        digest.update(rows.contiguous().numpy().tobytes())
+    def key(self, model_digest: str, inputs: Sequence[torch.Tensor]) -> bytes:
+        digest = hashlib.blake2b(model_digest.encode(), digest_size=32)
+        for rows in inputs:
+            digest.update(f"|{rows.dtype}{list(rows.shape)}|".encode())
+            digest.update(rows.contiguous().numpy().tobytes())
         return digest.digest()
 
     def get(self, key: bytes) -> Optional[torch.Tensor]:

@@ -1,15 +1,19 @@
-"""What the launcher checks before a serving job starts: a run to serve, whose files fit, and a free port."""
+"""What the launcher checks before a serving job starts: runs to serve, whose files fit, and a free port."""
 
 import socket
 
 from omegaconf import DictConfig
 
 from rpc_train.config.errors import ConfigError
-from rpc_train.serve.source import build_served, served_model
+from rpc_train.serve.source import build_served, served_models
 
 
 def check_serving(conf: DictConfig) -> None:
-    build_served(served_model(conf.run, conf.model_name))
+    for served in served_models(conf).values():
+        build_served(served)
+        if served.is_dlrm and conf.stages > 1:
+            raise ConfigError(f"serve.stages={conf.stages}: {served.run_dir} is a DLRM (a mode=hybrid run), served "
+                              "whole on each replica; use serve.stages=1")
     check_port_free(conf.host, conf.port)
     if conf.metrics_port:
         check_port_free(conf.host, conf.metrics_port, "serve.metrics_port")

@@ -76,7 +76,9 @@ def message_of(document: dict, message_class):
 
 # The single-model helpers that tests and the Ray Serve peer use.
 def decode(message: "pb.ModelInferRequest", spec: ModelSpec):
-    return spec.rows(request_of(message))
+    """The rows of a model with one input: one tensor."""
+    (rows,) = spec.rows(request_of(message))
+    return rows
 
 
 def encode(message: "pb.ModelInferRequest", spec: ModelSpec, logits, batch_rows: int,

@@ -6,13 +6,15 @@ the protocol defines as documents (metadata, config, statistics, the repository 
 returned as dicts in the protocol's JSON form: HTTP sends them as they are, gRPC parses them
 into its messages (`json_format.ParseDict`), so the two cannot disagree.
 
-A ModelInfer: size check -> rows checked against the model (`ModelSpec.rows`) -> the cache ->
-the dispatcher's queue and batcher -> a replica -> the reply.
+A ModelInfer: size check -> the version that answers (`Repository.resolve`) -> rows checked
+against it (`ModelSpec.rows`) -> the cache -> the dispatcher's queue of that (model, version)
+and batcher -> a replica -> the reply, naming the version.
 """
 
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Optional, Tuple
 
 import grpc
@@ -21,18 +23,21 @@ import rpc_train
 from rpc_train.serve.cache import ResponseCache
 from rpc_train.serve.dispatch import Dispatcher, Refused
 from rpc_train.serve.observe import ServeMetrics
-from rpc_train.serve.spec import InferReply, InferRequest, ModelSpec
+from rpc_train.serve.repository import Repository, Version
+from rpc_train.serve.rollout import Rollout
+from rpc_train.serve.spec import InferReply, InferRequest
 from rpc_train.serve.tensors import BadRequest, ServeError
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data"]
+EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data", "model_repository"]
 
 
 class ServingCore:
-    def __init__(self, spec: ModelSpec, dispatcher: Dispatcher, metrics: ServeMetrics, max_message_mb: float,
-                 cache: Optional[ResponseCache] = None):
-        self.spec, self.dispatcher, self.metrics, self.cache = spec, dispatcher, metrics, cache
+    def __init__(self, repository: Repository, dispatcher: Dispatcher, metrics: ServeMetrics, max_message_mb: float,
+                 cache: Optional[ResponseCache] = None, rollout: Optional[Rollout] = None):
+        self.repository, self.dispatcher, self.metrics, self.cache = repository, dispatcher, metrics, cache
+        self.rollout = rollout
         self.max_message_mb, self.max_message_bytes = max_message_mb, message_bytes(max_message_mb)
         self.draining = False
         self._active, self._active_lock = 0, threading.Lock()  # ModelInfer calls being answered
@@ -44,16 +49,20 @@ class ServingCore:
     def ready(self) -> bool:
         return not self.draining and self.dispatcher.ready()
 
+    def version_of(self, name: str, version: str = "") -> Version:
+        """The version that answers (name, version): NOT_FOUND for a model or version not loaded."""
+        return self.repository.resolve(name, version, self.dispatcher.loaded_everywhere,
+                                       self.dispatcher.loaded_anywhere)
+
     def model_ready(self, name: str, version: str = "") -> bool:
-        self.spec.check(name, version)
+        self.version_of(name, version)
         return self.ready()
 
     def server_metadata(self) -> dict:
         return {"name": "rpc_train", "version": rpc_train.__version__, "extensions": EXTENSIONS}
 
     def model_metadata(self, name: str, version: str = "") -> dict:
-        self.spec.check(name, version)
-        return self.spec.metadata()
+        return self.version_of(name, version).spec.metadata(self.repository.ready_versions(name))
 
     def model_config(self, name: str, version: str = "") -> dict:
         """ModelConfig in Triton's schema (its JSON form: {"config": {...}})."""
@@ -66,13 +75,23 @@ class ServingCore:
     # -- the model repository extension
     def repository_index(self, ready_only: bool = False) -> list:
         """[{"name", "version", "state", "reason"}] of every model (version) known."""
-        raise _unsupported("RepositoryIndex")
+        return self.repository.index(ready_only)
 
     def load(self, name: str, parameters: dict) -> None:
-        raise _unsupported("RepositoryModelLoad")
+        """A new version of `name` from the run dir in the parameter `run` (without it: the run
+        its newest version came from), rolled out one replica at a time."""
+        if self.rollout is None:
+            raise _unsupported("RepositoryModelLoad")
+        run = parameters.get("run")
+        if run is not None and not isinstance(run, str):
+            raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT, f"parameter 'run' is {type(run).__name__}; give the "
+                                                               "run directory as a string")
+        self.rollout.load(name, run)
 
     def unload(self, name: str, parameters: dict) -> None:
-        raise _unsupported("RepositoryModelUnload")
+        if self.rollout is None:
+            raise _unsupported("RepositoryModelUnload")
+        self.rollout.unload(name)
 
     # -- inference
     def infer(self, request: InferRequest) -> InferReply:
@@ -108,14 +127,23 @@ class ServingCore:
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
                              f"the request is {request.size} bytes, over serve.max_message_mb="
                              f"{self.max_message_mb:g} MiB; send fewer rows per request")
-        rows = self.spec.rows(request)
-        key = self.cache.key(rows) if self.cache is not None else None
+        asked = request
+        version = self.version_of(request.model, request.version)
+        request, spec = replace(request, version=version.version), version.spec
+        rows = spec.rows(request)
+        key = self.cache.key(version.digest, rows) if self.cache is not None else None
         if key is not None:
             answer = self.cache.get(key)
             self.metrics.cache_lookup(answer is not None)
             if answer is not None:
-                return self.spec.reply(request, answer, {"cache_hit": True}), None
-        pending = self.dispatcher.submit(rows, request.deadline)
+                return spec.reply(request, answer, {"cache_hit": True}), None
+        try:
+            pending = self.dispatcher.submit(version.key, rows, request.deadline)
+        except Refused as err:
+            if asked.version or err.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            # The default version was unloaded between its choice and the queue: a newer one is the default now.
+            return self._infer(asked)
         deadline = request.deadline
         if not pending.done.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic())):
             pending.abandoned = True  # the batcher drops it if it is still queued
@@ -124,7 +152,7 @@ class ServingCore:
             raise pending.error
         if key is not None:
             self.cache.put(key, pending.logits)
-        reply = self.spec.reply(request, pending.logits, {"batch_rows": pending.batch_rows})
+        reply = spec.reply(request, pending.logits, {"batch_rows": pending.batch_rows})
         return reply, pending.sent - pending.enqueued
 
 

@@ -1,4 +1,5 @@
-"""Serving on the driver (rank 0): build the replicas, warm them up, answer gRPC until told to stop.
+"""Serving on the driver (rank 0): start the replicas, load every model into them one replica at a
+time (`rollout.py`, which warms each up), answer gRPC until told to stop.
 
 SIGTERM (launch.sh forwards it, and Ctrl-C, here) drains: new requests get UNAVAILABLE,
 queued and in-flight ones are answered, then the front end stops and the RPC world shuts down
@@ -10,7 +11,6 @@ import os
 import signal
 import threading
 import time
-from typing import List
 
 import torch
 import torch.distributed.rpc as rpc
@@ -18,18 +18,18 @@ from omegaconf import DictConfig
 
 from rpc_train.config.errors import ConfigError
 from rpc_train.metrics.tensorboard import RunLogger, flat_hparams
-from rpc_train.pipeline.partition import plan_stages, stage_bounds
 from rpc_train.runtime.world import worker_name
-from rpc_train.checkpoint.store import sha256_of
 from rpc_train.serve.cache import ResponseCache
 from rpc_train.serve.core import ServingCore
 from rpc_train.serve.dispatch import BatchingLimits, Dispatcher, Replica
 from rpc_train.serve.frontend import HealthReporter, InferenceService, start_server
 from rpc_train.serve.observe import ServeMetrics, summary_line
-from rpc_train.serve.replica import ServeStage, infer_on_stage
+from rpc_train.serve.replica import ServeStage
+from rpc_train.serve.repository import Repository
+from rpc_train.serve.rollout import Rollout
 from rpc_train.serve.routing import POLICIES
-from rpc_train.serve.source import ServedModel, build_served, served_model
-from rpc_train.serve.spec import ModelSpec
+from rpc_train.serve.source import served_models
+from rpc_train.serve.tensors import ServeError
 
 log = logging.getLogger(__name__)
 
@@ -37,44 +37,42 @@ PID_FILE = "frontend.pid"  # launch.sh signals this process to drain
 LINGER_S = 1.0
 
 
-def build_replicas(cfg: DictConfig, served: ServedModel, world_size: int) -> tuple:
-    """(the stages' RRefs, one Replica per group of serve.stages workers): replica r's stage k on
-    worker 1 + r x stages + k."""
+def build_replicas(cfg: DictConfig, world_size: int) -> tuple:
+    """(each replica's stage RRefs, one Replica per group of serve.stages workers): replica r's
+    stage k on worker 1 + r x stages + k. They hold no model until the rollout loads one."""
     stages = cfg.serve.stages
-    layers = list(build_served(served))
-    sample = torch.zeros(1, *served.shape)
-    bounds = stage_bounds(plan_stages(layers, stages, cfg.pipeline.balance, sample) if stages > 1 else [len(layers)])
     rrefs, replicas = [], []
     for r in range((world_size - 1) // stages):
         workers = [worker_name(1 + r * stages + k) for k in range(stages)]
-        for k, layer_range in enumerate(bounds):
-            after = workers[k + 1] if k + 1 < stages else None
-            rrefs.append(rpc.remote(workers[k], ServeStage, args=(r, k, served, layer_range, after, cfg.device)))
+        rrefs.append([rpc.remote(workers[k], ServeStage, args=(r, k, workers[k + 1] if k + 1 < stages else None,
+                                                               cfg.device))
+                      for k in range(stages)])
         replicas.append(Replica(replica=r, workers=workers))
     return rrefs, replicas
 
 
-def warm_up(replicas: List[Replica], shape: List[int], timeout_s: float) -> None:
-    """One batch through every replica: ready means each has loaded the model and answered."""
-    torch.futures.wait_all([rpc.rpc_async(r.workers[0], infer_on_stage, args=(r.replica, 0, torch.zeros(1, *shape)),
-                                          timeout=timeout_s) for r in replicas])
-
-
 def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     conf = cfg.serve
-    served = served_model(conf.run, conf.model_name)
-    log.info("serving model '%s' from %s", served.name, os.path.abspath(served.run_dir))
-    rrefs, replicas = build_replicas(cfg, served, world_size)
-    torch.futures.wait_all([rref.rpc_async().ready() for rref in rrefs])  # every stage built, or its error
-    warm_up(replicas, served.shape, max(conf.replica_timeout_s, cfg.runtime.rpc_timeout_s))
+    models = served_models(conf)
+    stage_rrefs, replicas = build_replicas(cfg, world_size)
+    rrefs = [rref for stages in stage_rrefs for rref in stages]
+    torch.futures.wait_all([rref.rpc_async().ready() for rref in rrefs])  # every stage started, or its error
     metrics = ServeMetrics(len(replicas), conf.max_batch_size, lambda r: replicas[r].rows_in_flight,
                            lambda: sum(r.in_rotation for r in replicas))
     limits = BatchingLimits(conf.max_batch_size, conf.max_inflight_batches, conf.max_queue_delay_ms / 1e3,
                             conf.max_queue_size, conf.replica_timeout_s)
     dispatcher = Dispatcher(replicas, POLICIES[conf.routing](), limits, on_batch=metrics.batch_sent)
-    cache = ResponseCache(conf.cache_size, sha256_of(served.weights)) if conf.cache_size else None
-    spec = ModelSpec.classifier(served.name, served.shape, served.num_classes, conf.max_batch_size)
-    core = ServingCore(spec, dispatcher, metrics, conf.max_message_mb, cache)
+    cache = ResponseCache(conf.cache_size) if conf.cache_size else None
+    repository = Repository(conf.keep_versions)
+    rollout = Rollout(repository, dispatcher, stage_rrefs, conf, cfg.pipeline.balance,
+                      max(conf.replica_timeout_s, cfg.runtime.rpc_timeout_s))
+    for name, served in models.items():
+        log.info("serving model '%s' from %s", name, os.path.abspath(served.run_dir))
+        try:
+            rollout.load(name, served.run_dir)
+        except ServeError as err:
+            raise ConfigError(err.message) from err
+    core = ServingCore(repository, dispatcher, metrics, conf.max_message_mb, cache, rollout)
     service, health = InferenceService(core), HealthReporter()
     try:
         server = start_server(service, health, conf)
@@ -84,11 +82,13 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
         raise ConfigError(f"serve.port={conf.port} or serve.metrics_port={conf.metrics_port}: {err} (is another "
                           "server on it?); choose free ports") from err
     stop = _stop_on_signals()
+    if conf.watch:
+        rollout.watch(stop)
     with open(os.path.join(run_dir, PID_FILE), "w") as f:
         f.write(f"{os.getpid()}\n")
     health.update(True)
-    log.info("ready: %d replica(s) of %d stage(s) on %s, gRPC on %s:%d%s%s%s", len(replicas), conf.stages,
-             ", ".join(r.workers[0] for r in replicas), conf.host, conf.port,
+    log.info("ready: %s on %d replica(s) of %d stage(s) on %s, gRPC on %s:%d%s%s%s", ", ".join(models),
+             len(replicas), conf.stages, ", ".join(r.workers[0] for r in replicas), conf.host, conf.port,
              " (TLS" + (", mutual)" if conf.tls.client_ca else ")") if conf.tls.cert else " (plaintext)",
              ", token required" if conf.auth_token_file else "",
              f", metrics on {conf.host}:{conf.metrics_port}" if conf.metrics_port else "")

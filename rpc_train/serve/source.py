@@ -1,18 +1,26 @@
 """What is served: a trained run's model, rebuilt from its own config and loaded from model.pt.
 
 `serve.run` names the run directory; without it, the newest run under outputs/ that has a
-model.pt is served. The model comes from the run's `.hydra/config.yaml` (its `model` and
-`data` groups), so it is the class and shape that were trained, whatever the serving job's own
-config says; model.pt loads with `weights_only=True`, which never runs pickled code.
+model.pt is served (`serve.models` names several). The model comes from the run's
+`.hydra/config.yaml` (its `model` and `data` groups), so it is the class and shape that were
+trained, whatever the serving job's own config says; model.pt loads with `weights_only=True`,
+which never runs pickled code. A mode=hybrid run is its DLRM, served whole: dense features and
+categorical indices in, the click logit out.
+
+The front end reads model.pt once (`read_weights`): the bytes it hashes are the bytes whose
+tensors every replica is sent, so the response cache's digest names what computed the answer.
 """
 
 import glob
+import hashlib
+import io
 import os
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from rpc_train.config.errors import ConfigError
 from rpc_train.training.builders import build_model
@@ -28,8 +36,13 @@ class ServedModel:
     name: str  # the model's name in the protocol
     model_cfg: dict  # the run's `model` group, a `_target_` config
     seed: int
-    shape: List[int]  # one input row
+    shape: List[int]  # one input row (the DLRM's: its dense features)
     num_classes: int
+    table_rows: List[int] = field(default_factory=list)  # a DLRM's tables' sizes; empty: a classifier
+
+    @property
+    def is_dlrm(self) -> bool:
+        return bool(self.table_rows)
 
     @property
     def weights(self) -> str:
@@ -53,13 +66,19 @@ def served_model(run: Optional[str], model_name: Optional[str]) -> ServedModel:
             raise ConfigError(f"serve.run={run_dir}: no {needed} there; give a run directory that training "
                               f"wrote (it holds {MODEL_FILE} and {CONFIG_FILE})")
     cfg = OmegaConf.load(os.path.join(run_dir, CONFIG_FILE))
-    if cfg.mode.name == "hybrid":
-        # Its input is dense features and categorical indices, two tensors the served protocol's one does not carry.
-        raise ConfigError(f"serve.run={run_dir}: a mode=hybrid run (a DLRM); serving takes image and digits models "
-                          "only; give a run of mode=pipeline or mode=parameter_server")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    tables = list(cfg.data.table_rows) if cfg.mode.name == "hybrid" else []
     return ServedModel(run_dir=run_dir, name=model_name or _model_option(run_dir, model_cfg), model_cfg=model_cfg,
-                       seed=int(cfg.seed), shape=list(cfg.data.shape), num_classes=int(cfg.data.num_classes))
+                       seed=int(cfg.seed), shape=list(cfg.data.shape), num_classes=int(cfg.data.num_classes),
+                       table_rows=[int(rows) for rows in tables])
+
+
+def served_models(conf) -> Dict[str, ServedModel]:
+    """The models serve.* names, by name: `serve.models`, or the one of serve.run / the newest run."""
+    if not conf.models:
+        served = served_model(conf.run, conf.model_name)
+        return {served.name: served}
+    return {name: served_model(str(run), str(name)) for name, run in conf.models.items()}
 
 
 def _model_option(run_dir: str, model_cfg: dict) -> str:
@@ -72,18 +91,50 @@ def _model_option(run_dir: str, model_cfg: dict) -> str:
     return model_cfg["_target_"].split(".")[-2]  # models.<file>.<Class>
 
 
-def load_state(served: ServedModel) -> Dict[str, torch.Tensor]:
-    return torch.load(served.weights, map_location="cpu", weights_only=True)
-
-
-def build_served(served: ServedModel):
-    """The trained model in eval mode; a ConfigError naming the run when model.pt does not fit it."""
-    model = build_model(served.model_cfg, served.seed)
+def read_weights(served: ServedModel) -> Tuple[str, Dict[str, torch.Tensor]]:
+    """(sha256 of model.pt's bytes, the state dict loaded from those same bytes), read once."""
     try:
-        model.load_state_dict(load_state(served))
+        with open(served.weights, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as err:
+        raise ConfigError(f"serve.run={served.run_dir}: no {MODEL_FILE} there") from err
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file: say which
+        raise ConfigError(f"serve.run={served.run_dir}: {MODEL_FILE} is not a state dict torch can load "
+                          f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})") from err
+    return hashlib.sha256(data).hexdigest(), state
+
+
+def load_state(served: ServedModel) -> Dict[str, torch.Tensor]:
+    return read_weights(served)[1]
+
+
+class ClickLogits(nn.Module):
+    """A DLRM as served: (dense, sparse) -> its click logit, one column ([rows, 1])."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        return self.model(dense, sparse).unsqueeze(1)
+
+
+def build_served(served: ServedModel, state: Optional[Dict[str, torch.Tensor]] = None, strict: bool = True):
+    """The trained model in eval mode, loaded with `state` (default: its model.pt); a ConfigError
+    naming the run when the weights do not fit it. A DLRM comes wrapped in `ClickLogits`."""
+    if served.is_dlrm:
+        from rpc_train.hybrid.model import build_dlrm  # the hybrid mode's builder: a DLRM is not a Sequential
+
+        model = build_dlrm(served.model_cfg, served.seed)
+    else:
+        model = build_model(served.model_cfg, served.seed)
+    try:
+        model.load_state_dict(load_state(served) if state is None else state, strict=strict)
     except RuntimeError as err:
         first = str(err).strip().splitlines()
         raise ConfigError(f"serve.run={served.run_dir}: {MODEL_FILE} does not match the model in its "
                           f"{CONFIG_FILE} ({first[1].strip() if len(first) > 1 else first[0]}); serve a run "
                           "whose files belong together") from err
-    return model.eval()
+    return (ClickLogits(model) if served.is_dlrm else model).eval()

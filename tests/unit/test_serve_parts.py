@@ -83,16 +83,32 @@ def test_the_newest_trained_run_is_found_and_a_missing_one_is_a_clear_error(tmp_
         served_model(newest_run(), None)
 
 
-def test_a_hybrid_run_is_refused_for_serving_in_one_line(tmp_path):
+def test_a_hybrid_run_is_served_as_a_dlrm_and_refuses_several_stages_in_one_line(tmp_path):
     from omegaconf import OmegaConf
 
     from rpc_train.config.compose import compose
+    from rpc_train.serve.checks import check_serving
+    from rpc_train.serve.source import build_served
 
+    cfg = compose(["experiment=dlrm_synthetic"])
     (tmp_path / ".hydra").mkdir()
-    (tmp_path / "model.pt").write_bytes(b"")
-    OmegaConf.save(compose(["experiment=dlrm_synthetic"]), tmp_path / ".hydra" / "config.yaml")
-    with pytest.raises(ConfigError, match=r"a mode=hybrid run \(a DLRM\); serving takes image and digits models"):
-        served_model(str(tmp_path), None)
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    torch.save(build_dlrm_state(cfg), tmp_path / "model.pt")
+    served = served_model(str(tmp_path), "clicks")
+    assert served.is_dlrm and served.table_rows == list(cfg.data.table_rows)
+    dense, sparse = torch.randn(3, 13), torch.zeros(3, 8, dtype=torch.int64)
+    assert build_served(served)(dense, sparse).shape == (3, 1)  # the click logit, one column
+    conf = compose(["mode=serve", f"serve.run={tmp_path}", "serve.stages=2", "serve.port=1",
+                    "serve.metrics_port=0"]).serve
+    with pytest.raises(ConfigError, match=r"serve.stages=2: .* is a DLRM \(a mode=hybrid run\), served whole"):
+        check_serving(conf)
+
+
+def build_dlrm_state(cfg):
+    from rpc_train.config.schema import as_dict
+    from rpc_train.hybrid.model import build_dlrm
+
+    return build_dlrm(as_dict(cfg.model), cfg.seed).state_dict()
 
 
 def test_the_dispatcher_is_not_ready_and_refuses_while_no_replica_is_in_rotation():
@@ -103,12 +119,12 @@ def test_the_dispatcher_is_not_ready_and_refuses_while_no_replica_is_in_rotation
     try:
         assert not dispatcher.ready()
         with pytest.raises(Refused) as err:
-            dispatcher.submit(torch.zeros(1, 1, 8, 8), None)
+            dispatcher.submit(("mlp", "1"), (torch.zeros(1, 1, 8, 8),), None)
         assert err.value.code == grpc.StatusCode.UNAVAILABLE and "no replica is in rotation" in err.value.message
         replicas[0].in_rotation = True
         assert dispatcher.ready()
         with pytest.raises(Refused) as err:  # 9 rows: over serve.max_queue_size=8
-            dispatcher.submit(torch.zeros(9, 1, 8, 8), None)
+            dispatcher.submit(("mlp", "1"), (torch.zeros(9, 1, 8, 8),), None)
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         dispatcher.drain(timeout_s=1)
