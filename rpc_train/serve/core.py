@@ -13,7 +13,7 @@ the dispatcher's queue and batcher -> a replica -> the reply.
 import logging
 import threading
 import time
-from typing import Optional, Tuple
+from typing import Optional
 
 import grpc
 
@@ -22,6 +22,7 @@ from rpc_train.serve.cache import ResponseCache
 from rpc_train.serve.dispatch import Dispatcher, Refused
 from rpc_train.serve.observe import ServeMetrics
 from rpc_train.serve.spec import InferReply, InferRequest, ModelSpec
+from rpc_train.serve.statistics import ModelStatistics, RequestTimes
 from rpc_train.serve.tensors import BadRequest, ServeError
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,13 @@ EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data"]
 
 class ServingCore:
     def __init__(self, spec: ModelSpec, dispatcher: Dispatcher, metrics: ServeMetrics, max_message_mb: float,
-                 cache: Optional[ResponseCache] = None):
+                 cache: Optional[ResponseCache] = None, statistics: Optional[ModelStatistics] = None,
+                 instance_kind: str = "KIND_CPU"):
+        """`statistics`: the model's, which the dispatcher also feeds its batches; `instance_kind`:
+        where the replicas compute, as ModelConfig's instance_group says it (KIND_CPU, KIND_GPU)."""
         self.spec, self.dispatcher, self.metrics, self.cache = spec, dispatcher, metrics, cache
+        self.statistics = statistics or ModelStatistics(spec.name, spec.version)
+        self.instance_kind = instance_kind
         self.max_message_mb, self.max_message_bytes = max_message_mb, message_bytes(max_message_mb)
         self.draining = False
         self._active, self._active_lock = 0, threading.Lock()  # ModelInfer calls being answered
@@ -56,12 +62,23 @@ class ServingCore:
         return self.spec.metadata()
 
     def model_config(self, name: str, version: str = "") -> dict:
-        """ModelConfig in Triton's schema (its JSON form: {"config": {...}})."""
-        raise _unsupported("ModelConfig")
+        """ModelConfig in Triton's schema (its JSON form: {"config": {...}}, proto field names)."""
+        self.spec.check(name, version)
+        spec, limits = self.spec, self.dispatcher.limits
+        return {"config": {
+            "name": spec.name, "platform": "pytorch", "backend": "pytorch",
+            "version_policy": {"latest": {"num_versions": 1}}, "max_batch_size": spec.max_batch_size,
+            "input": [t.config() for t in spec.inputs], "output": [t.config() for t in spec.outputs],
+            "dynamic_batching": {"max_queue_delay_microseconds": round(limits.max_queue_delay_s * 1e6),
+                                 "preferred_batch_size": []},
+            "instance_group": [{"count": len(self.dispatcher.replicas), "kind": self.instance_kind}],
+            "response_cache": {"enable": self.cache is not None}}}
 
     def model_statistics(self, name: str = "", version: str = "") -> dict:
         """ModelStatistics in the protocol's JSON form: {"model_stats": [...]}, every model for an empty name."""
-        raise _unsupported("ModelStatistics")
+        if name:
+            self.spec.check(name, version)
+        return {"model_stats": [self.statistics.document()]}
 
     # -- the model repository extension
     def repository_index(self, ready_only: bool = False) -> list:
@@ -77,44 +94,56 @@ class ServingCore:
     # -- inference
     def infer(self, request: InferRequest) -> InferReply:
         """The reply, or ServeError with the status the caller gets; every call is counted."""
-        started = time.monotonic()
+        started, times = time.monotonic(), RequestTimes()
         with self._active_lock:
             self._active += 1
         try:
-            reply, queued_s = self._infer(request)
+            reply = self._infer(request, times)
         except ServeError as err:
-            self.metrics.request(err.code.name, time.monotonic() - started, None)
+            self._count(request, err.code.name, started, times)
             raise
         except Exception as err:  # noqa: BLE001 - our own bug: say so, keep serving the others
             log.exception("ModelInfer failed")
-            self.metrics.request(grpc.StatusCode.INTERNAL.name, time.monotonic() - started, None)
+            self._count(request, grpc.StatusCode.INTERNAL.name, started, times)
             raise ServeError(grpc.StatusCode.INTERNAL, "the server failed on this request (its log says why)") \
                 from err
         finally:
             with self._active_lock:
                 self._active -= 1
-        self.metrics.request("OK", time.monotonic() - started, queued_s)
+        self._count(request, "OK", started, times)
         return reply
+
+    def _count(self, request: InferRequest, code: str, started: float, times: RequestTimes) -> None:
+        """The call in the Prometheus counters and, if it named the model, the model's statistics."""
+        seconds = time.monotonic() - started
+        self.metrics.request(code, seconds, times.queue if code == "OK" else None)
+        if request.model == self.spec.name:
+            self.statistics.request(code == "OK", seconds, times)
 
     def idle(self) -> bool:
         with self._active_lock:
             return self._active == 0
 
-    def _infer(self, request: InferRequest) -> Tuple[InferReply, Optional[float]]:
-        """(the reply, seconds its rows waited to leave for a replica; None from the cache)."""
+    def _infer(self, request: InferRequest, times: RequestTimes) -> InferReply:
+        """The reply; `times` says where the time went as it goes (queue: None from the cache)."""
         if self.draining:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")
         if request.size > self.max_message_bytes:
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
                              f"the request is {request.size} bytes, over serve.max_message_mb="
                              f"{self.max_message_mb:g} MiB; send fewer rows per request")
+        began = time.monotonic()
         rows = self.spec.rows(request)
+        times.compute_input = time.monotonic() - began
         key = self.cache.key(rows) if self.cache is not None else None
         if key is not None:
+            began = time.monotonic()
             answer = self.cache.get(key)
             self.metrics.cache_lookup(answer is not None)
             if answer is not None:
-                return self.spec.reply(request, answer, {"cache_hit": True}), None
+                times.cache_hit = time.monotonic() - began
+                return self.spec.reply(request, answer, {"cache_hit": True})
+            times.cache_miss = time.monotonic() - began
         pending = self.dispatcher.submit(rows, request.deadline)
         deadline = request.deadline
         if not pending.done.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic())):
@@ -123,9 +152,14 @@ class ServingCore:
         if pending.error is not None:
             raise pending.error
         if key is not None:
+            began = time.monotonic()
             self.cache.put(key, pending.logits)
+            times.cache_miss += time.monotonic() - began
+        times.queue, times.compute_infer = pending.sent - pending.enqueued, pending.compute_s
+        began = time.monotonic()
         reply = self.spec.reply(request, pending.logits, {"batch_rows": pending.batch_rows})
-        return reply, pending.sent - pending.enqueued
+        times.compute_output = time.monotonic() - began
+        return reply
 
 
 def _unsupported(method: str) -> ServeError:

@@ -30,6 +30,7 @@ from rpc_train.serve.replica import ServeStage, infer_on_stage
 from rpc_train.serve.routing import POLICIES
 from rpc_train.serve.source import ServedModel, build_served, served_model
 from rpc_train.serve.spec import ModelSpec
+from rpc_train.serve.statistics import ModelStatistics
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,13 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
                            lambda: sum(r.in_rotation for r in replicas))
     limits = BatchingLimits(conf.max_batch_size, conf.max_inflight_batches, conf.max_queue_delay_ms / 1e3,
                             conf.max_queue_size, conf.replica_timeout_s)
-    dispatcher = Dispatcher(replicas, POLICIES[conf.routing](), limits, on_batch=metrics.batch_sent)
-    cache = ResponseCache(conf.cache_size, sha256_of(served.weights)) if conf.cache_size else None
     spec = ModelSpec.classifier(served.name, served.shape, served.num_classes, conf.max_batch_size)
-    core = ServingCore(spec, dispatcher, metrics, conf.max_message_mb, cache)
+    statistics = ModelStatistics(spec.name, spec.version)
+    dispatcher = Dispatcher(replicas, POLICIES[conf.routing](), limits, on_batch=metrics.batch_sent,
+                            on_computed=statistics.batch)
+    cache = ResponseCache(conf.cache_size, sha256_of(served.weights)) if conf.cache_size else None
+    core = ServingCore(spec, dispatcher, metrics, conf.max_message_mb, cache, statistics,
+                       "KIND_GPU" if cfg.device == "cuda" else "KIND_CPU")
     service, health = InferenceService(core), HealthReporter()
     try:
         server = start_server(service, health, conf)

@@ -113,3 +113,29 @@ def test_the_dispatcher_is_not_ready_and_refuses_while_no_replica_is_in_rotation
     finally:
         dispatcher.drain(timeout_s=1)
     assert not dispatcher.ready()  # draining: no new request is taken
+
+
+def test_config_and_statistics_documents_parse_into_their_grpc_messages():
+    from google.protobuf import json_format
+
+    from rpc_train.serve.core import ServingCore
+    from rpc_train.serve.statistics import ModelStatistics, RequestTimes
+
+    class Dispatcher:
+        replicas = [object(), object()]
+        limits = type("Limits", (), {"max_queue_delay_s": 0.005})
+
+    statistics = ModelStatistics("mlp", "1")
+    statistics.batch(4, 0.002)
+    statistics.request(True, 0.003, RequestTimes(queue=0.001, compute_input=0.0001, compute_infer=0.002))
+    statistics.request(False, 0.0005, RequestTimes(cache_miss=0.00001))
+    core = ServingCore(SPEC, Dispatcher(), None, 1.0, statistics=statistics, instance_kind="KIND_GPU")
+    config = json_format.ParseDict(core.model_config("mlp"), pb.ModelConfigResponse()).config
+    assert config.dynamic_batching.max_queue_delay_microseconds == 5000 and config.max_batch_size == 4
+    assert config.instance_group[0].count == 2 and config.instance_group[0].kind == config.instance_group[0].KIND_GPU
+    assert list(config.input[0].dims) == [1, 8, 8] and config.input[0].data_type == 11  # TYPE_FP32
+    (stats,) = json_format.ParseDict(core.model_statistics(""), pb.ModelStatisticsResponse()).model_stats
+    inference = stats.inference_stats
+    assert (inference.success.count, inference.fail.count, inference.cache_miss.count) == (1, 1, 1)
+    assert inference.compute_infer.ns == 2_000_000 and (stats.inference_count, stats.execution_count) == (4, 1)
+    assert stats.batch_stats[0].batch_size == 4 and stats.batch_stats[0].compute_infer.count == 1
