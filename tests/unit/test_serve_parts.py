@@ -115,6 +115,35 @@ def test_the_dispatcher_is_not_ready_and_refuses_while_no_replica_is_in_rotation
     assert not dispatcher.ready()  # draining: no new request is taken
 
 
+def test_http_json_nested_flat_and_binary_decode_to_the_same_rows_and_replies_encode_either_way():
+    import json
+
+    from rpc_train.serve import http_codec
+    from rpc_train.serve.spec import InferRequest
+
+    rows = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    tensor = {"name": "input", "datatype": "FP32", "shape": [3, 1, 8, 8]}
+    bodies = [(json.dumps({"inputs": [{**tensor, "data": data}]}).encode(), None)
+              for data in (rows.tolist(), rows.flatten().tolist())]
+    header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": rows.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    bodies.append((header + rows.tobytes(), str(len(header))))
+    for body, length in bodies:
+        call = http_codec.request_of(body, length, "mlp")
+        assert call.request.size == len(body) and torch.equal(SPEC.rows(call.request), torch.from_numpy(rows))
+    with pytest.raises(BadRequest, match="add up to 768"):
+        http_codec.request_of(header + rows.tobytes() + b"extra", str(len(header)), "mlp")
+    logits = torch.randn(3, 10)
+    reply = SPEC.reply(InferRequest("mlp", []), logits, {"batch_rows": 3})
+    body, headers = http_codec.reply_body(reply, call)  # binary_data_output: bytes after the JSON
+    size = int(headers[http_codec.HEADER_LENGTH])
+    assert json.loads(body[:size])["outputs"][0]["parameters"]["binary_data_size"] == 120
+    assert np.array_equal(np.frombuffer(body[size:], "<f4").reshape(3, 10), logits.numpy())
+    body, headers = http_codec.reply_body(reply, http_codec.request_of(*bodies[0], "mlp"))
+    assert headers == {"Content-Type": "application/json"}
+    assert np.array_equal(np.array(json.loads(body)["outputs"][0]["data"], np.float32).reshape(3, 10), logits.numpy())
+
+
 def test_config_and_statistics_documents_parse_into_their_grpc_messages():
     from google.protobuf import json_format
 
