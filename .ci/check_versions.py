@@ -16,7 +16,7 @@ from typing import Dict, List
 
 from packaging.requirements import Requirement
 
-KEY_PACKAGES = ("torch", "torchvision", "protobuf", "grpcio", "grpcio-tools", "tritonclient",
+KEY_PACKAGES = ("torch", "torchvision", "protobuf", "grpcio", "grpcio-tools", "tritonclient", "aiohttp",
                 "hydra-core", "numpy", "tensorboard")
 
 

@@ -89,7 +89,7 @@ def serving(run: Path, nproc: int, overrides: List[str]) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as run_dir:
         env = {**os.environ, "RUN_DIR": run_dir, "PYTHON": sys.executable, "NPROC": str(nproc)}
         proc = subprocess.Popen([str(REPO / "launch.sh"), "mode=serve", f"serve.run={run}", f"serve.port={port}",
-                                 "serve.metrics_port=0", *overrides], env=env,
+                                 "serve.metrics_port=0", "serve.http_port=0", *overrides], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         url, deadline = f"127.0.0.1:{port}", time.monotonic() + 180
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(url))

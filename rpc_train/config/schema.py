@@ -155,13 +155,17 @@ class TLSConf:
 
 @dataclass
 class ServeConf:
-    """mode=serve: rank 0 is a gRPC front end (the Open Inference Protocol), the rest host replicas."""
+    """mode=serve: rank 0 is the front end (the Open Inference Protocol over gRPC and HTTP), the rest
+    host replicas."""
 
     # The run directory whose model.pt to serve; null: the newest run under outputs/ that has one.
     run: Optional[str] = None
     # The front end listens here; loopback unless told otherwise.
     host: str = "127.0.0.1"
     port: int = 8001
+    # The same protocol over HTTP/REST (KServe v2 / Triton's JSON, with the binary tensor data
+    # extension) on serve.host:http_port, behind the same TLS and token; 0: no HTTP.
+    http_port: int = 8000
     # The model's name in the protocol; null: the served run's model option (mlp, convnet, ...).
     model_name: Optional[str] = None
     # Several models, name -> run dir: +serve.models.a=outputs/A +serve.models.b=outputs/B;
@@ -199,7 +203,8 @@ class ServeConf:
     # Answers kept for repeated inputs (LRU, keyed by the input's bytes, shape and datatype and
     # the model file's hash); 0: no cache. A hit never reaches a replica.
     cache_size: int = 0
-    # Prometheus metrics (/metrics over HTTP) on serve.host:metrics_port; 0: none.
+    # Prometheus metrics (/metrics over HTTP) on serve.host:metrics_port; 0: none. With serve.tls
+    # or serve.auth_token_file set, /metrics takes the same TLS and token as the protocol's ports.
     metrics_port: int = 8002
     # TensorBoard scalars and a one-line summary in the log every this many seconds.
     log_every_s: float = 10.0

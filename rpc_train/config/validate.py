@@ -261,6 +261,9 @@ def _serve_problems(serve: DictConfig, world_size: int) -> Iterator[str]:
     if not 0 <= serve.metrics_port < 65536 or (serve.metrics_port and serve.metrics_port == serve.port):
         yield (f"serve.metrics_port={serve.metrics_port}: must be 0 (no metrics) or a TCP port other than "
                f"serve.port={serve.port}")
+    if not 0 <= serve.http_port < 65536 or (serve.http_port and serve.http_port in (serve.port, serve.metrics_port)):
+        yield (f"serve.http_port={serve.http_port}: must be 0 (no HTTP) or a TCP port other than "
+               f"serve.port={serve.port} and serve.metrics_port={serve.metrics_port}")
     if not serve.log_every_s > 0:
         yield f"serve.log_every_s={serve.log_every_s}: must be a positive number of seconds"
 

@@ -1,4 +1,4 @@
-"""What the launcher checks before a serving job starts: runs to serve, whose files fit, and a free port."""
+"""What the launcher checks before a serving job starts: runs to serve, whose files fit, and free ports."""
 
 import socket
 
@@ -17,6 +17,8 @@ def check_serving(conf: DictConfig) -> None:
     check_port_free(conf.host, conf.port)
     if conf.metrics_port:
         check_port_free(conf.host, conf.metrics_port, "serve.metrics_port")
+    if conf.http_port:
+        check_port_free(conf.host, conf.http_port, "serve.http_port")
 
 
 def check_port_free(host: str, port: int, setting: str = "serve.port") -> None:

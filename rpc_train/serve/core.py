@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from dataclasses import replace
-from typing import Optional, Tuple
+from typing import Optional
 
 import grpc
 
@@ -26,6 +26,7 @@ from rpc_train.serve.observe import ServeMetrics
 from rpc_train.serve.repository import Repository, Version
 from rpc_train.serve.rollout import Rollout
 from rpc_train.serve.spec import InferReply, InferRequest
+from rpc_train.serve.statistics import RequestTimes
 from rpc_train.serve.tensors import BadRequest, ServeError
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,12 @@ EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data", "model_
 
 class ServingCore:
     def __init__(self, repository: Repository, dispatcher: Dispatcher, metrics: ServeMetrics, max_message_mb: float,
-                 cache: Optional[ResponseCache] = None, rollout: Optional[Rollout] = None):
+                 cache: Optional[ResponseCache] = None, rollout: Optional[Rollout] = None,
+                 instance_kind: str = "KIND_CPU"):
+        """`instance_kind`: where the replicas compute, as ModelConfig's instance_group says it
+        (KIND_CPU, KIND_GPU)."""
         self.repository, self.dispatcher, self.metrics, self.cache = repository, dispatcher, metrics, cache
-        self.rollout = rollout
+        self.rollout, self.instance_kind = rollout, instance_kind
         self.max_message_mb, self.max_message_bytes = max_message_mb, message_bytes(max_message_mb)
         self.draining = False
         self._active, self._active_lock = 0, threading.Lock()  # ModelInfer calls being answered
@@ -65,12 +69,26 @@ class ServingCore:
         return self.version_of(name, version).spec.metadata(self.repository.ready_versions(name))
 
     def model_config(self, name: str, version: str = "") -> dict:
-        """ModelConfig in Triton's schema (its JSON form: {"config": {...}})."""
-        raise _unsupported("ModelConfig")
+        """ModelConfig in Triton's schema (its JSON form: {"config": {...}}, proto field names)."""
+        spec, limits = self.version_of(name, version).spec, self.dispatcher.limits
+        return {"config": {
+            "name": spec.name, "platform": "pytorch", "backend": "pytorch",
+            "version_policy": {"latest": {"num_versions": self.repository.keep_versions}},
+            "max_batch_size": spec.max_batch_size,
+            "input": [t.config() for t in spec.inputs], "output": [t.config() for t in spec.outputs],
+            "dynamic_batching": {"max_queue_delay_microseconds": round(limits.max_queue_delay_s * 1e6),
+                                 "preferred_batch_size": []},
+            "instance_group": [{"count": len(self.dispatcher.replicas), "kind": self.instance_kind}],
+            "response_cache": {"enable": self.cache is not None}}}
 
     def model_statistics(self, name: str = "", version: str = "") -> dict:
-        """ModelStatistics in the protocol's JSON form: {"model_stats": [...]}, every model for an empty name."""
-        raise _unsupported("ModelStatistics")
+        """ModelStatistics in the protocol's JSON form: {"model_stats": [...]}, one entry a version
+        loaded (or once loaded): every model's for an empty name, every version's for an empty version."""
+        if name and version:
+            versions = [self.version_of(name, version)]
+        else:
+            versions = self.repository.versions(name)
+        return {"model_stats": [v.statistics.document() for v in versions]}
 
     # -- the model repository extension
     def repository_index(self, ready_only: bool = False) -> list:
@@ -96,54 +114,68 @@ class ServingCore:
     # -- inference
     def infer(self, request: InferRequest) -> InferReply:
         """The reply, or ServeError with the status the caller gets; every call is counted."""
-        started = time.monotonic()
+        started, times = time.monotonic(), RequestTimes()
         with self._active_lock:
             self._active += 1
         try:
-            reply, queued_s = self._infer(request)
+            reply = self._infer(request, times)
         except ServeError as err:
-            self.metrics.request(err.code.name, time.monotonic() - started, None)
+            self._count(err.code.name, started, times)
             raise
         except Exception as err:  # noqa: BLE001 - our own bug: say so, keep serving the others
             log.exception("ModelInfer failed")
-            self.metrics.request(grpc.StatusCode.INTERNAL.name, time.monotonic() - started, None)
+            self._count(grpc.StatusCode.INTERNAL.name, started, times)
             raise ServeError(grpc.StatusCode.INTERNAL, "the server failed on this request (its log says why)") \
                 from err
         finally:
             with self._active_lock:
                 self._active -= 1
-        self.metrics.request("OK", time.monotonic() - started, queued_s)
+        self._count("OK", started, times)
         return reply
+
+    def _count(self, code: str, started: float, times: RequestTimes) -> None:
+        """The call in the Prometheus counters and, once it found its model's version, in that
+        version's statistics."""
+        seconds = time.monotonic() - started
+        self.metrics.request(code, seconds, times.queue if code == "OK" else None)
+        if times.statistics is not None:
+            times.statistics.request(code == "OK", seconds, times)
 
     def idle(self) -> bool:
         with self._active_lock:
             return self._active == 0
 
-    def _infer(self, request: InferRequest) -> Tuple[InferReply, Optional[float]]:
-        """(the reply, seconds its rows waited to leave for a replica; None from the cache)."""
+    def _infer(self, request: InferRequest, times: RequestTimes) -> InferReply:
+        """The reply; `times` says where the time went as it goes (queue: None from the cache)."""
         if self.draining:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")
+        asked = request
+        version = self.version_of(request.model, request.version)
+        times.statistics = version.statistics
         if request.size > self.max_message_bytes:
             raise BadRequest(grpc.StatusCode.INVALID_ARGUMENT,
                              f"the request is {request.size} bytes, over serve.max_message_mb="
                              f"{self.max_message_mb:g} MiB; send fewer rows per request")
-        asked = request
-        version = self.version_of(request.model, request.version)
         request, spec = replace(request, version=version.version), version.spec
+        began = time.monotonic()
         rows = spec.rows(request)
+        times.compute_input = time.monotonic() - began
         key = self.cache.key(version.digest, rows) if self.cache is not None else None
         if key is not None:
+            began = time.monotonic()
             answer = self.cache.get(key)
             self.metrics.cache_lookup(answer is not None)
             if answer is not None:
-                return spec.reply(request, answer, {"cache_hit": True}), None
+                times.cache_hit = time.monotonic() - began
+                return spec.reply(request, answer, {"cache_hit": True})
+            times.cache_miss = time.monotonic() - began
         try:
             pending = self.dispatcher.submit(version.key, rows, request.deadline)
         except Refused as err:
             if asked.version or err.code != grpc.StatusCode.NOT_FOUND:
                 raise
             # The default version was unloaded between its choice and the queue: a newer one is the default now.
-            return self._infer(asked)
+            return self._infer(asked, times)
         deadline = request.deadline
         if not pending.done.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic())):
             pending.abandoned = True  # the batcher drops it if it is still queued
@@ -151,9 +183,14 @@ class ServingCore:
         if pending.error is not None:
             raise pending.error
         if key is not None:
+            began = time.monotonic()
             self.cache.put(key, pending.logits)
+            times.cache_miss += time.monotonic() - began
+        times.queue, times.compute_infer = pending.sent - pending.enqueued, pending.compute_s
+        began = time.monotonic()
         reply = spec.reply(request, pending.logits, {"batch_rows": pending.batch_rows})
-        return reply, pending.sent - pending.enqueued
+        times.compute_output = time.monotonic() - began
+        return reply
 
 
 def _unsupported(method: str) -> ServeError:
@@ -162,4 +199,3 @@ def _unsupported(method: str) -> ServeError:
 
 def message_bytes(mb: float) -> int:
     return int(mb * 2 ** 20)
-

@@ -55,16 +55,17 @@ class Pending:
     done: threading.Event = field(default_factory=threading.Event)
     logits: Optional[torch.Tensor] = None
     batch_rows: int = 0
+    compute_s: Optional[float] = None  # its batch's time on the replica that answered
     error: Optional[Refused] = None
     abandoned: bool = False  # its caller stopped waiting: never compute it
 
     def finish(self, logits: Optional[torch.Tensor] = None, batch_rows: int = 0,
-               error: Optional[Refused] = None) -> None:
+               error: Optional[Refused] = None, compute_s: Optional[float] = None) -> None:
         """The first answer counts: a late reply after the drain gave up on it changes nothing."""
         with _FINISHING:
             if self.done.is_set():
                 return
-            self.logits, self.batch_rows, self.error = logits, batch_rows, error
+            self.logits, self.batch_rows, self.error, self.compute_s = logits, batch_rows, error, compute_s
             self.done.set()
 
     def __len__(self) -> int:
@@ -89,9 +90,12 @@ class BatchingLimits:
 
 class Dispatcher:
     def __init__(self, replicas: List[Replica], policy: Policy, limits: BatchingLimits,
-                 on_batch: Callable[[int, int], None] = lambda replica, rows: None):
-        """`on_batch(replica, rows)` is told of every batch sent (for logs and metrics)."""
+                 on_batch: Callable[[int, int], None] = lambda replica, rows: None,
+                 on_computed: Callable[[Tuple[str, str], int, float], None] = lambda key, rows, seconds: None):
+        """`on_batch(replica, rows)` is told of every batch sent (for logs and metrics),
+        `on_computed((model, version), rows, seconds)` of every batch a replica answered and its time there."""
         self.replicas, self.policy, self.limits, self.on_batch = replicas, policy, limits, on_batch
+        self.on_computed = on_computed
         self._cv = threading.Condition()
         self._queues: "OrderedDict[Tuple[str, str], Deque[Pending]]" = OrderedDict()  # one a key
         self._queued_rows = 0
@@ -261,9 +265,10 @@ class Dispatcher:
         except RuntimeError as err:  # the agent knows the connection is gone
             self._answered(replica, batch, retried, None, err)
             return
-        future.add_done_callback(lambda f: self._answered(replica, batch, retried, f, None))
+        future.add_done_callback(lambda f: self._answered(replica, batch, retried, f, None, now))
 
-    def _answered(self, replica: Replica, batch: List[Pending], retried: bool, future, error) -> None:
+    def _answered(self, replica: Replica, batch: List[Pending], retried: bool, future, error,
+                  sent: float = 0.0) -> None:
         try:
             logits = future.wait() if error is None else None
         except Exception as err:  # noqa: BLE001 - the replica raised, died or timed out
@@ -274,8 +279,10 @@ class Dispatcher:
                 replica.served += 1
             self._cv.notify_all()
         if error is None:
+            seconds = time.monotonic() - sent
+            self.on_computed(batch[0].key, len(logits), seconds)
             for pending, part in zip(batch, logits.split([len(p) for p in batch])):
-                pending.finish(part, batch_rows=len(logits))
+                pending.finish(part, batch_rows=len(logits), compute_s=seconds)
             return
         self._take_out(replica, error)
         other = None if retried else self._another(replica, batch)

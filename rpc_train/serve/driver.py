@@ -1,8 +1,8 @@
 """Serving on the driver (rank 0): start the replicas, load every model into them one replica at a
-time (`rollout.py`, which warms each up), answer gRPC until told to stop.
+time (`rollout.py`, which warms each up), answer gRPC and HTTP until told to stop.
 
-SIGTERM (launch.sh forwards it, and Ctrl-C, here) drains: new requests get UNAVAILABLE,
-queued and in-flight ones are answered, then the front end stops and the RPC world shuts down
+SIGTERM (launch.sh forwards it, and Ctrl-C, here) drains: new requests get UNAVAILABLE (HTTP 503),
+queued and in-flight ones are answered, then the front ends stop and the RPC world shuts down
 gracefully, so every rank exits 0.
 """
 
@@ -23,6 +23,7 @@ from rpc_train.serve.cache import ResponseCache
 from rpc_train.serve.core import ServingCore
 from rpc_train.serve.dispatch import BatchingLimits, Dispatcher, Replica
 from rpc_train.serve.frontend import HealthReporter, InferenceService, start_server
+from rpc_train.serve.http_server import start_http, start_metrics
 from rpc_train.serve.observe import ServeMetrics, summary_line
 from rpc_train.serve.replica import ServeStage
 from rpc_train.serve.repository import Repository
@@ -61,9 +62,10 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
                            lambda: sum(r.in_rotation for r in replicas))
     limits = BatchingLimits(conf.max_batch_size, conf.max_inflight_batches, conf.max_queue_delay_ms / 1e3,
                             conf.max_queue_size, conf.replica_timeout_s)
-    dispatcher = Dispatcher(replicas, POLICIES[conf.routing](), limits, on_batch=metrics.batch_sent)
-    cache = ResponseCache(conf.cache_size) if conf.cache_size else None
     repository = Repository(conf.keep_versions)
+    dispatcher = Dispatcher(replicas, POLICIES[conf.routing](), limits, on_batch=metrics.batch_sent,
+                            on_computed=repository.record_batch)
+    cache = ResponseCache(conf.cache_size) if conf.cache_size else None
     rollout = Rollout(repository, dispatcher, stage_rrefs, conf, cfg.pipeline.balance,
                       max(conf.replica_timeout_s, cfg.runtime.rpc_timeout_s))
     for name, served in models.items():
@@ -72,23 +74,26 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
             rollout.load(name, served.run_dir)
         except ServeError as err:
             raise ConfigError(err.message) from err
-    core = ServingCore(repository, dispatcher, metrics, conf.max_message_mb, cache, rollout)
+    core = ServingCore(repository, dispatcher, metrics, conf.max_message_mb, cache, rollout,
+                       "KIND_GPU" if cfg.device == "cuda" else "KIND_CPU")
     service, health = InferenceService(core), HealthReporter()
     try:
         server = start_server(service, health, conf)
+        http = start_http(core, conf) if conf.http_port else None
         if conf.metrics_port:
-            metrics.serve_http(conf.host, conf.metrics_port)
+            start_metrics(metrics.registry, conf)
     except (RuntimeError, OSError) as err:
-        raise ConfigError(f"serve.port={conf.port} or serve.metrics_port={conf.metrics_port}: {err} (is another "
-                          "server on it?); choose free ports") from err
+        raise ConfigError(f"serve.port={conf.port}, serve.http_port={conf.http_port} or serve.metrics_port="
+                          f"{conf.metrics_port}: {err} (is another server on it?); choose free ports") from err
     stop = _stop_on_signals()
     if conf.watch:
         rollout.watch(stop)
     with open(os.path.join(run_dir, PID_FILE), "w") as f:
         f.write(f"{os.getpid()}\n")
     health.update(True)
-    log.info("ready: %s on %d replica(s) of %d stage(s) on %s, gRPC on %s:%d%s%s%s", ", ".join(models),
+    log.info("ready: %s on %d replica(s) of %d stage(s) on %s, gRPC on %s:%d%s%s%s%s", ", ".join(models),
              len(replicas), conf.stages, ", ".join(r.workers[0] for r in replicas), conf.host, conf.port,
+             f", HTTP on {conf.host}:{conf.http_port}" if conf.http_port else "",
              " (TLS" + (", mutual)" if conf.tls.client_ca else ")") if conf.tls.cert else " (plaintext)",
              ", token required" if conf.auth_token_file else "",
              f", metrics on {conf.host}:{conf.metrics_port}" if conf.metrics_port else "")
@@ -96,7 +101,7 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     logger.config(cfg)
     try:
         report(stop, metrics, logger, conf.log_every_s, health, core)
-        _drain_and_stop(conf, core, health, dispatcher, server, rrefs)
+        _drain_and_stop(conf, core, health, dispatcher, server, rrefs, http)
     finally:
         # The config and the session's totals, as a training run ends with its HParams.
         logger.hparams(flat_hparams(cfg), metrics.totals(time.monotonic() - started))
@@ -105,8 +110,8 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
 
 
 def _drain_and_stop(conf, core: ServingCore, health: HealthReporter, dispatcher: Dispatcher, server,
-                    rrefs) -> None:
-    """Answer what is queued and in flight, refuse what comes, stop gRPC, free the replicas."""
+                    rrefs, http=None) -> None:
+    """Answer what is queued and in flight, refuse what comes, stop gRPC and HTTP, free the replicas."""
     log.info("draining: new requests get UNAVAILABLE, queued and in-flight ones are answered")
     core.draining = True
     health.update(False)
@@ -119,6 +124,8 @@ def _drain_and_stop(conf, core: ServingCore, health: HealthReporter, dispatcher:
         if time.monotonic() > linger_until + 5:
             break
     server.stop(grace=5).wait()
+    if http is not None:
+        http.stop()
     for rref in rrefs:
         try:
             rref.rpc_sync(timeout=5).release()

@@ -1,6 +1,7 @@
 """What the front end reports: Prometheus metrics, and a TensorBoard/log summary every few seconds.
 
-Metrics live in a registry of their own, served over HTTP on serve.host:serve.metrics_port:
+Metrics live in a registry of their own, served over HTTP on serve.host:serve.metrics_port
+(`http_server.start_metrics`, with the protocol's TLS and token when those are set):
 requests and errors by status code, latency and queue-time histograms, the batch-size
 histogram, rows sent to each replica and rows in flight there, replicas in rotation, cache hits
 and misses. `window()` turns what happened since its last call into the TensorBoard scalars.
@@ -11,7 +12,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "rpc_train_serve"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -109,10 +110,6 @@ class ServeMetrics:
         if batches:
             out["serve/batch_size_mean"] = rows / batches
         return out
-
-    def serve_http(self, host: str, port: int):
-        """/metrics on host:port, in a thread of its own."""
-        return start_http_server(port, addr=host, registry=self.registry)
 
 
 def summary_line(scalars: Dict[str, float]) -> str:

@@ -17,6 +17,7 @@ import grpc
 
 from rpc_train.serve.source import ServedModel
 from rpc_train.serve.spec import ModelSpec
+from rpc_train.serve.statistics import ModelStatistics
 from rpc_train.serve.tensors import BadRequest
 
 READY, LOADING, UNAVAILABLE = "READY", "LOADING", "UNAVAILABLE"
@@ -33,6 +34,7 @@ class Version:
     stamp: tuple = ()  # model.pt's (mtime, size) when it was read, for serve.watch
     state: str = LOADING
     reason: str = ""
+    statistics: Optional[ModelStatistics] = None  # the statistics extension's, made with the version
 
     @property
     def key(self) -> Key:
@@ -70,7 +72,8 @@ class Repository:
             model.loaded_count += 1
             model.unloaded = False
             number = str(model.loaded_count)
-            version = Version(number, served, spec_of(served, max_batch_size, number), digest, stamp)
+            version = Version(number, served, spec_of(served, max_batch_size, number), digest, stamp,
+                              statistics=ModelStatistics(served.name, number))
             model.versions[number] = version
             return version
 
@@ -121,6 +124,20 @@ class Repository:
                 if candidate.state == READY and everywhere(candidate.key):
                     return candidate
             raise BadRequest(grpc.StatusCode.NOT_FOUND, f"model '{name}' has no version ready yet")
+
+    def versions(self, name: str = "") -> List[Version]:
+        """Every version ever loaded of model `name` (of every model for an empty name)."""
+        with self._lock:
+            models = [self._model(name)] if name else list(self.models.values())
+            return [v for m in models for v in m.versions.values()]
+
+    def record_batch(self, key: Key, rows: int, seconds: float) -> None:
+        """A batch of version `key` came back from its replica (the dispatcher's on_computed)."""
+        with self._lock:
+            model = self.models.get(key[0])
+            version = model.versions.get(key[1]) if model else None
+        if version is not None:
+            version.statistics.batch(rows, seconds)
 
     def ready_versions(self, name: str) -> List[str]:
         with self._lock:

@@ -20,10 +20,12 @@ class ServingJob:
         """`credentials`: how to reach a TLS job (grpc.ssl_channel_credentials)."""
         self.credentials = credentials
         self.port, self.metrics_port, self.run_dir = free_service_port(), free_service_port(), run_dir
-        self.url = f"localhost:{self.port}"
+        self.http_port = free_service_port()
+        self.url, self.http_url = f"localhost:{self.port}", f"localhost:{self.http_port}"
         serve_run = [f"serve.run={run}"] if run else []
         self.proc = subprocess.Popen([str(REPO / "launch.sh"), "mode=serve", *serve_run, f"serve.port={self.port}",
-                                      f"serve.metrics_port={self.metrics_port}", *args],
+                                      f"serve.metrics_port={self.metrics_port}", f"serve.http_port={self.http_port}",
+                                      *args],
                                      cwd=cwd, env=launch_env(run_dir, NPROC=str(nproc)),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.output: Optional[str] = None
@@ -47,14 +49,18 @@ class ServingJob:
             time.sleep(0.3)
         raise AssertionError(f"not ready in {timeout_s} s:\n{self.log()[-3000:]}")
 
-    def metrics(self) -> dict:
+    def metrics(self, token: Optional[str] = None, ca: Optional[Path] = None) -> dict:
         """The Prometheus samples on the job's metrics port, parsed by prometheus_client's own parser:
-        {(name, frozen labels): value}."""
+        {(name, frozen labels): value}. `ca`: over TLS, trusting that CA; `token`: sent as a bearer token."""
+        import ssl
         import urllib.request
 
         from prometheus_client.parser import text_string_to_metric_families
 
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        scheme, context = ("https", ssl.create_default_context(cafile=str(ca))) if ca else ("http", None)
+        request = urllib.request.Request(f"{scheme}://localhost:{self.metrics_port}/metrics",
+                                         headers={"authorization": f"Bearer {token}"} if token else {})
+        text = urllib.request.urlopen(request, timeout=10, context=context).read().decode()
         return {(s.name, frozenset(s.labels.items())): s.value
                 for family in text_string_to_metric_families(text) for s in family.samples}
 

@@ -1,6 +1,7 @@
 """mode=serve end to end: a trained smoke model behind the Open Inference Protocol, asked by the
-official tritonclient and by rpc_train's own client over real gRPC on loopback."""
+official tritonclient (gRPC and HTTP), curl, and rpc_train's own client on loopback."""
 
+import json
 import queue
 import shutil
 import socket
@@ -8,11 +9,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+import tritonclient.http as triton_http
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -108,41 +112,155 @@ def request_of(rows: np.ndarray, name="input", datatype="FP32", shape=None, mode
     return request
 
 
+def http_call(server, rows: np.ndarray, name="input", datatype="FP32", shape=None, model="mlp", raw=None):
+    """The same request over HTTP (binary tensor data extension): (HTTP status, the error's text)."""
+    raw = rows.astype("<f4").tobytes() if raw is None else raw
+    header = json.dumps({"inputs": [{"name": name, "datatype": datatype,
+                                     "shape": list(rows.shape) if shape is None else shape,
+                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/{model}/infer", data=header + raw,
+                                     headers={"Inference-Header-Content-Length": str(len(header))})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=30)
+    return err.value.code, json.loads(err.value.read())["error"]
+
+
+def http_input(rows: np.ndarray, binary: bool = True):
+    tensor = triton_http.InferInput("input", list(rows.shape), "FP32")
+    tensor.set_data_from_numpy(rows, binary_data=binary)
+    return tensor
+
+
 def with_nan(rows):
     rows = rows.copy()
     rows[2, 0, 3, 3] = np.nan
     return rows
 
 
+# Each bad request as request_of/http_call's arguments: the same request through either door.
 BAD = {
-    "unknown model": (lambda r: request_of(r, model="resnet"), grpc.StatusCode.NOT_FOUND,
+    "unknown model": (lambda r: dict(rows=r, model="resnet"), grpc.StatusCode.NOT_FOUND,
                       "model 'resnet' is not served here; the model is 'mlp'"),
-    "input name": (lambda r: request_of(r, name="pixels"), grpc.StatusCode.INVALID_ARGUMENT,
+    "input name": (lambda r: dict(rows=r, name="pixels"), grpc.StatusCode.INVALID_ARGUMENT,
                    "inputs ['pixels']: model 'mlp' takes one input named 'input'"),
-    "datatype": (lambda r: request_of(r, datatype="INT64"), grpc.StatusCode.INVALID_ARGUMENT,
+    "datatype": (lambda r: dict(rows=r, datatype="INT64"), grpc.StatusCode.INVALID_ARGUMENT,
                  "datatype INT64: expected FP32"),
-    "shape": (lambda r: request_of(r, shape=[4, 64]), grpc.StatusCode.INVALID_ARGUMENT,
+    "shape": (lambda r: dict(rows=r, shape=[4, 64]), grpc.StatusCode.INVALID_ARGUMENT,
               "shape [4, 64]: expected [rows, 1, 8, 8]"),
-    "raw length": (lambda r: request_of(r, raw=b"\0" * 100), grpc.StatusCode.INVALID_ARGUMENT,
-                   "raw_input_contents holds 100 bytes; shape [4, 1, 8, 8] of FP32 needs 1024"),
-    "NaN rows": (lambda r: request_of(with_nan(r)), grpc.StatusCode.INVALID_ARGUMENT,
+    "raw length": (lambda r: dict(rows=r, raw=b"\0" * 100), grpc.StatusCode.INVALID_ARGUMENT,
+                   "holds 100 bytes; shape [4, 1, 8, 8] of FP32 needs 1024"),
+    "NaN rows": (lambda r: dict(rows=with_nan(r)), grpc.StatusCode.INVALID_ARGUMENT,
                  "rows [2] hold NaN or infinite values"),
-    "empty batch": (lambda r: request_of(r[:0]), grpc.StatusCode.INVALID_ARGUMENT, "an empty batch"),
-    "too many rows": (lambda r: request_of(np.zeros((33, 1, 8, 8), np.float32)), grpc.StatusCode.INVALID_ARGUMENT,
+    "empty batch": (lambda r: dict(rows=r[:0]), grpc.StatusCode.INVALID_ARGUMENT, "an empty batch"),
+    "too many rows": (lambda r: dict(rows=np.zeros((33, 1, 8, 8), np.float32)), grpc.StatusCode.INVALID_ARGUMENT,
                       "has 33 rows, more than serve.max_batch_size=32"),
-    "too large": (lambda r: request_of(np.zeros((300, 1, 8, 8), np.float32)), grpc.StatusCode.INVALID_ARGUMENT,
+    "too large": (lambda r: dict(rows=np.zeros((300, 1, 8, 8), np.float32)), grpc.StatusCode.INVALID_ARGUMENT,
                   "over serve.max_message_mb=0.05 MiB"),
 }
+HTTP_STATUS = {grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.INVALID_ARGUMENT: 400}  # Triton's
 
 
+@pytest.mark.parametrize("door", ["grpc", "http"])
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_a_bad_request_gets_a_clear_status_and_the_server_goes_on(server, trained, case):
+def test_a_bad_request_gets_a_clear_status_and_the_server_goes_on(server, trained, case, door):
     build, code, needle = BAD[case]
     rows = digits_rows(4)
-    got, details = call(server, build(rows))
+    if door == "grpc":
+        got, details = call(server, request_of(**build(rows)))
+        answer = triton.InferenceServerClient(server.url).infer("mlp", [triton_input(rows)]).as_numpy("logits")
+    else:
+        got, details = http_call(server, **build(rows))
+        code = HTTP_STATUS[code]
+        client = triton_http.InferenceServerClient(server.http_url)
+        answer = client.infer("mlp", [http_input(rows)]).as_numpy("logits")
     assert got == code and needle in details, (got, details)
-    answer = triton.InferenceServerClient(server.url).infer("mlp", [triton_input(rows)]).as_numpy("logits")
     np.testing.assert_allclose(answer, served_reference(trained, rows), rtol=0, atol=1e-5)
+
+
+def curl(server, path: str, *args: str):
+    """curl on the HTTP door: (HTTP status, body)."""
+    done = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", *args, f"http://{server.http_url}{path}"],
+                          capture_output=True, text=True, timeout=30)
+    body, _, status = done.stdout.rpartition("\n")
+    return int(status), body
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_http_answers_tritonclient_and_curl_as_grpc_does(server, trained):
+    client = triton_http.InferenceServerClient(server.http_url)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("mlp")
+    meta = client.get_model_metadata("mlp")
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
+    assert client.get_server_metadata()["name"] == "rpc_train"
+    rows = digits_rows(5)
+    expected = served_reference(trained, rows)
+    # tritonclient.http's default: binary tensors both ways; then JSON input and JSON output.
+    answer = client.infer("mlp", [http_input(rows)]).as_numpy("logits")
+    np.testing.assert_allclose(answer, expected, rtol=0, atol=1e-5)
+    result = client.infer("mlp", [http_input(rows, binary=False)],
+                          outputs=[triton_http.InferRequestedOutput("logits", binary_data=False)])
+    assert "data" in result.get_output("logits")
+    np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=0, atol=1e-5)
+    # curl with a JSON body: data nested by row, or flat.
+    for data in (rows[:2].tolist(), rows[:2].flatten().tolist()):
+        body = json.dumps({"id": "c1", "inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32",
+                                                    "data": data}]})
+        status, answer = curl(server, "/v2/models/mlp/infer", "-H", "Content-Type: application/json", "-d", body)
+        assert status == 200, answer
+        answer = json.loads(answer)
+        assert answer["id"] == "c1" and answer["outputs"][0]["shape"] == [2, 10]
+        np.testing.assert_allclose(np.array(answer["outputs"][0]["data"]).reshape(2, 10), expected[:2], atol=1e-5)
+    assert curl(server, "/v2/health/ready") == (200, "")
+    assert curl(server, "/v2/models/mlp/versions/1/ready") == (200, "")
+    status, body = curl(server, "/v2/models/resnet")
+    assert status == 404 and "model 'resnet' is not served here" in json.loads(body)["error"]
+    status, body = curl(server, "/v2/models/mlp/infer", "-d", "{not json")
+    assert status == 400 and "the request is not JSON" in json.loads(body)["error"]
+    status, body = curl(server, "/v2/repository/index", "-X", "POST")
+    assert status == 200 and json.loads(body) == [{"name": "mlp", "version": "1", "state": "READY", "reason": ""}]
+
+
+def _stats_counts(document: dict) -> dict:
+    (stats,) = document["model_stats"]
+    inference = stats["inference_stats"]
+    return {"success": int(inference["success"].get("count", 0)), "fail": int(inference["fail"].get("count", 0)),
+            "compute_infer": int(inference["compute_infer"].get("count", 0)),
+            "rows": int(stats.get("inference_count", 0)), "batches": int(stats.get("execution_count", 0))}
+
+
+def _metric_counts(metrics: dict) -> dict:
+    codes = {dict(labels)["code"]: v for (name, labels), v in metrics.items()
+             if name == "rpc_train_serve_requests_total"}
+    return {"success": codes.get("OK", 0), "fail": sum(v for c, v in codes.items() if c not in ("OK", "NOT_FOUND")),
+            "rows": sum(v for (name, _), v in metrics.items() if name == "rpc_train_serve_replica_rows_total"),
+            "batches": metrics.get(("rpc_train_serve_batch_rows_count", frozenset()), 0)}
+
+
+def test_model_config_and_statistics_through_both_doors_agree_with_the_metrics(server):
+    grpc_client = triton.InferenceServerClient(server.url)
+    http_client = triton_http.InferenceServerClient(server.http_url)
+    config = http_client.get_model_config("mlp")  # Triton's JSON, proto field names
+    assert config["max_batch_size"] == 32 and config["platform"] == "pytorch"
+    assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [1, 8, 8]}]
+    assert config["output"] == [{"name": "logits", "data_type": "TYPE_FP32", "dims": [10]}]
+    assert config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}] and not config["response_cache"]["enable"]
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 0
+    message = grpc_client.get_model_config("mlp").config
+    assert (message.max_batch_size, list(message.input[0].dims), message.instance_group[0].count) == (32, [1, 8, 8], 2)
+
+    before, metrics_before = _stats_counts(http_client.get_inference_statistics("mlp")), _metric_counts(server.metrics())
+    for n in (1, 2, 3):  # one after another: a batch each
+        grpc_client.infer("mlp", [triton_input(digits_rows(n))])
+        http_client.infer("mlp", [http_input(digits_rows(n))])
+    call(server, request_of(digits_rows(2), name="pixels"))
+    http_call(server, digits_rows(2), datatype="INT64")
+    after, metrics_after = _stats_counts(http_client.get_inference_statistics()), _metric_counts(server.metrics())
+    grown = {key: after[key] - before[key] for key in after}
+    assert grown == {"success": 6, "fail": 2, "compute_infer": 6, "rows": 12, "batches": 6}, grown
+    for key in metrics_after:  # the statistics count what the Prometheus counters count
+        assert after[key] - before[key] == metrics_after[key] - metrics_before[key], key
+    assert _stats_counts(grpc_client.get_inference_statistics("mlp", as_json=True)) == after
 
 
 def test_methods_we_do_not_serve_answer_unimplemented(server):

@@ -1,9 +1,14 @@
 """Serving as a team would run it: TLS, mutual TLS and a token; the response cache; Prometheus
 metrics read with prometheus_client's parser; TensorBoard scalars read back."""
 
+import http.client
+import json
 import os
 import signal
+import ssl
 import time
+import urllib.error
+import urllib.request
 
 import grpc
 import numpy as np
@@ -53,8 +58,44 @@ def test_tls_with_a_token_refuses_plaintext_and_wrong_tokens_and_keeps_health_op
         plain = triton.InferenceServerClient(job.url)
         refused(lambda: plain.is_server_live(headers={"authorization": f"Bearer {TOKEN}"}, client_timeout=5))
         assert "(TLS), token required" in job.log()
+        https_checks(job, ca, rows, served_reference(trained, rows))
         logs = [job.log(rank) for rank in range(3)]
     assert all(TOKEN not in text for text in logs + [job.output])
+
+
+def https(url: str, ca, token=None, body=None):
+    """(HTTP status, body) of a GET, or a POST of `body`, over TLS trusting `ca`."""
+    request = urllib.request.Request(url, data=body, headers={"authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=ssl.create_default_context(cafile=str(ca))) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def https_checks(job, ca, rows, expected) -> None:
+    """The HTTP door and /metrics take the same TLS and token as gRPC; HTTP's health stays open."""
+    base = f"https://{job.http_url}"
+    assert https(f"{base}/v2/health/ready", ca) == (200, b"")
+    status, body = https(f"{base}/v2", ca)
+    assert status == 401 and "missing or wrong token" in json.loads(body)["error"]
+    infer = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": list(rows.shape),
+                                    "data": rows.tolist()}]}).encode()
+    assert https(f"{base}/v2/models/mlp/infer", ca, "wrong", infer)[0] == 401
+    status, body = https(f"{base}/v2/models/mlp/infer", ca, TOKEN, infer)
+    assert status == 200, body
+    np.testing.assert_allclose(np.array(json.loads(body)["outputs"][0]["data"]).reshape(expected.shape), expected,
+                               rtol=0, atol=1e-5)
+    plaintext = (urllib.error.URLError, http.client.HTTPException, ConnectionError)
+    with pytest.raises(plaintext):
+        urllib.request.urlopen(f"http://{job.http_url}/v2/health/ready", timeout=10)
+    # /metrics: refused in plaintext and without the token, read with it over TLS.
+    with pytest.raises(plaintext):
+        job.metrics(token=TOKEN)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        job.metrics(ca=ca)
+    assert err.value.code == 401
+    assert sample(job.metrics(token=TOKEN, ca=ca), "rpc_train_serve_requests_total", code="OK") >= 1
 
 
 @pytest.mark.slow
@@ -73,6 +114,13 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(trained, certs, tmp_p
                                    served_reference(trained, rows), rtol=0, atol=1e-5)
         without = triton.InferenceServerClient(job.url, ssl=True, root_certificates=str(ca))
         assert "UNAVAILABLE" in refused(lambda: without.infer("mlp", [triton_input(rows)], client_timeout=10))
+        # HTTP: the same CA decides (the handshake of a client without a certificate fails).
+        context = ssl.create_default_context(cafile=str(ca))
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            urllib.request.urlopen(f"https://{job.http_url}/v2/health/ready", timeout=10, context=context).read()
+        context.load_cert_chain(str(client_cert["cert"]), str(client_cert["key"]))
+        assert urllib.request.urlopen(f"https://{job.http_url}/v2/health/ready", timeout=10, context=context).status \
+            == 200
 
 
 def sample(metrics: dict, name: str, **labels) -> float:

@@ -11,7 +11,7 @@ from rpc_train.config.errors import ConfigError
 from rpc_train.serve.codec import decode, encode
 from rpc_train.serve.protocol import pb
 from rpc_train.serve.routing import POLICIES, ReplicaLoad
-from rpc_train.serve.source import newest_run, served_model
+from rpc_train.serve.source import ServedModel, newest_run, served_model
 from rpc_train.serve.spec import ModelSpec
 from rpc_train.serve.tensors import BadRequest
 
@@ -129,3 +129,67 @@ def test_the_dispatcher_is_not_ready_and_refuses_while_no_replica_is_in_rotation
     finally:
         dispatcher.drain(timeout_s=1)
     assert not dispatcher.ready()  # draining: no new request is taken
+
+
+def test_http_json_nested_flat_and_binary_decode_to_the_same_rows_and_replies_encode_either_way():
+    import json
+
+    from rpc_train.serve import http_codec
+    from rpc_train.serve.spec import InferRequest
+
+    rows = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    tensor = {"name": "input", "datatype": "FP32", "shape": [3, 1, 8, 8]}
+    bodies = [(json.dumps({"inputs": [{**tensor, "data": data}]}).encode(), None)
+              for data in (rows.tolist(), rows.flatten().tolist())]
+    header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": rows.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    bodies.append((header + rows.tobytes(), str(len(header))))
+    for body, length in bodies:
+        call = http_codec.request_of(body, length, "mlp")
+        assert call.request.size == len(body) and torch.equal(SPEC.rows(call.request)[0], torch.from_numpy(rows))
+    with pytest.raises(BadRequest, match="add up to 768"):
+        http_codec.request_of(header + rows.tobytes() + b"extra", str(len(header)), "mlp")
+    logits = torch.randn(3, 10)
+    reply = SPEC.reply(InferRequest("mlp", []), logits, {"batch_rows": 3})
+    body, headers = http_codec.reply_body(reply, call)  # binary_data_output: bytes after the JSON
+    size = int(headers[http_codec.HEADER_LENGTH])
+    assert json.loads(body[:size])["outputs"][0]["parameters"]["binary_data_size"] == 120
+    assert np.array_equal(np.frombuffer(body[size:], "<f4").reshape(3, 10), logits.numpy())
+    body, headers = http_codec.reply_body(reply, http_codec.request_of(*bodies[0], "mlp"))
+    assert headers == {"Content-Type": "application/json"}
+    assert np.array_equal(np.array(json.loads(body)["outputs"][0]["data"], np.float32).reshape(3, 10), logits.numpy())
+
+
+def test_config_and_statistics_documents_parse_into_their_grpc_messages():
+    from google.protobuf import json_format
+
+    from rpc_train.serve.core import ServingCore
+    from rpc_train.serve.repository import READY, Repository
+    from rpc_train.serve.statistics import RequestTimes
+
+    class Dispatcher:
+        replicas = [object(), object()]
+        limits = type("Limits", (), {"max_queue_delay_s": 0.005})
+
+        def loaded_everywhere(self, key):
+            return True
+
+        loaded_anywhere = loaded_everywhere
+
+    repository = Repository(keep_versions=2)
+    version = repository.add(ServedModel(run_dir="runs/a", name="mlp", model_cfg={}, seed=0, shape=[1, 8, 8],
+                                             num_classes=10), "digest", max_batch_size=4)
+    repository.set_state(version, READY)
+    repository.record_batch(("mlp", "1"), 4, 0.002)
+    version.statistics.request(True, 0.003, RequestTimes(queue=0.001, compute_input=0.0001, compute_infer=0.002))
+    version.statistics.request(False, 0.0005, RequestTimes(cache_miss=0.00001))
+    core = ServingCore(repository, Dispatcher(), None, 1.0, instance_kind="KIND_GPU")
+    config = json_format.ParseDict(core.model_config("mlp"), pb.ModelConfigResponse()).config
+    assert config.dynamic_batching.max_queue_delay_microseconds == 5000 and config.max_batch_size == 4
+    assert config.instance_group[0].count == 2 and config.instance_group[0].kind == config.instance_group[0].KIND_GPU
+    assert list(config.input[0].dims) == [1, 8, 8] and config.input[0].data_type == 11  # TYPE_FP32
+    (stats,) = json_format.ParseDict(core.model_statistics(""), pb.ModelStatisticsResponse()).model_stats
+    inference = stats.inference_stats
+    assert (inference.success.count, inference.fail.count, inference.cache_miss.count) == (1, 1, 1)
+    assert inference.compute_infer.ns == 2_000_000 and (stats.inference_count, stats.execution_count) == (4, 1)
+    assert stats.batch_stats[0].batch_size == 4 and stats.batch_stats[0].compute_infer.count == 1
