@@ -81,6 +81,24 @@ def test_the_newest_trained_run_is_found_and_a_missing_one_is_a_clear_error(tmp_
         served_model(newest_run(), None)
 
 
+def test_model_pt_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    # Training writes model.pt under a temporary name and renames it: a write that fails half-way
+    # leaves no model.pt for the newest-run search to pick.
+    from rpc_train.driver import save_model
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "outputs" / "2026-01-01" / "00-00-00-abcdef"
+    run.mkdir(parents=True)
+    with pytest.raises(Exception):
+        save_model(str(run), {"w": torch.zeros(1000), "broken": lambda: None})  # a lambda does not pickle
+    assert not (run / "model.pt").exists() and os.listdir(run) == []
+    with pytest.raises(ConfigError, match="no trained run under"):
+        newest_run()
+    save_model(str(run), {"w": torch.ones(3)})
+    assert newest_run() == os.path.join("outputs", "2026-01-01", "00-00-00-abcdef")
+    assert torch.load(run / "model.pt", weights_only=True)["w"].tolist() == [1.0, 1.0, 1.0]
+
+
 def test_a_hybrid_run_is_refused_for_serving_in_one_line(tmp_path):
     from omegaconf import OmegaConf
 
