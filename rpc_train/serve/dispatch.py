@@ -5,24 +5,29 @@ thread takes whole requests off the queue into batches of at most `max_batch_siz
 whenever the routing policy finds a replica with room (fewer than `max_inflight_batches` in
 flight), and sends each with `rpc_async`: nothing here blocks on a replica. Replies are split
 back to their requests in the future's callback. A replica that fails or exceeds
-`replica_timeout_s` leaves the rotation (its batch goes once to another) and a prober brings
-it back when it answers again.
+`replica_timeout_s` leaves the rotation and its requests go back to the head of the queue (once:
+a second failure answers UNAVAILABLE), so a retry waits for room like any batch. A prober sends
+a real batch through each replica out of rotation and brings it back when it answers. A batch
+whose RPC timed out may still be computing there: it counts against the replica's
+`max_inflight_batches` until the replica says it ended.
 """
 
+import itertools
 import logging
 import threading
 import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, List, Optional, Sequence
+from typing import Callable, Deque, Dict, List, Optional, Sequence
 
 import grpc
 import torch
 import torch.distributed.rpc as rpc
 
 from rpc_train.config.errors import first_line
-from rpc_train.serve.replica import answer, infer_on_stage
+from rpc_train.runtime.liveness import timed_out
+from rpc_train.serve.replica import infer_on_stage, probe
 from rpc_train.serve.routing import Policy, ReplicaLoad
 
 log = logging.getLogger(__name__)
@@ -32,7 +37,8 @@ _FINISHING = threading.Lock()
 
 
 class Refused(Exception):
-    """A request the queue cannot take: RESOURCE_EXHAUSTED (full) or UNAVAILABLE (draining, no replica)."""
+    """A request not answered with logits: RESOURCE_EXHAUSTED (full), UNAVAILABLE (draining, no
+    replica), DEADLINE_EXCEEDED, or INTERNAL (a reply that does not fit its batch: our bug)."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
@@ -52,6 +58,7 @@ class Pending:
     batch_rows: int = 0
     error: Optional[Refused] = None
     abandoned: bool = False  # its caller stopped waiting: never compute it
+    retried: bool = False  # back in the queue once after a replica failed with it
 
     def finish(self, logits: Optional[torch.Tensor] = None, batch_rows: int = 0,
                error: Optional[Refused] = None) -> None:
@@ -66,6 +73,10 @@ class Pending:
 @dataclass
 class Replica(ReplicaLoad):
     workers: Sequence[str] = ()  # its stages' workers, first to last
+    # Batches whose RPC timed out but which may still run there (id -> rows); they stay counted
+    # in batches_in_flight and rows_in_flight until a probe says they ended.
+    lingering: Dict[int, int] = field(default_factory=dict)
+    probing: bool = False  # a probe is on its way
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,8 @@ class Dispatcher:
         self._queued_rows = 0
         self._open: "weakref.WeakSet[Pending]" = weakref.WeakSet()  # submitted, maybe unanswered
         self._accepting, self._stopped = True, threading.Event()
+        self._batch_ids = itertools.count()
+        self._probe_rows: Optional[torch.Tensor] = None  # one zero row shaped like the requests'
         self._threads = [threading.Thread(target=self._batch_forever, name="batcher", daemon=True),
                          threading.Thread(target=self._probe_forever, name="prober", daemon=True)]
         for thread in self._threads:
@@ -119,10 +132,10 @@ class Dispatcher:
         with self._cv:
             self._accepting = False
             self._cv.notify_all()
-            while self._queue or any(r.batches_in_flight for r in self.replicas):
+            while self._queue or self._awaited():
                 if not self._cv.wait(max(0.0, deadline - time.monotonic())):
                     break
-            drained = not self._queue and not any(r.batches_in_flight for r in self.replicas)
+            drained = not self._queue and not self._awaited()
             left, self._queue, self._queued_rows = list(self._open), deque(), 0
         # What the drain could not answer (a replica died with the batch) is answered now, so
         # that no caller waits on through the server's shutdown.
@@ -132,6 +145,10 @@ class Dispatcher:
         with self._cv:
             self._cv.notify_all()
         return drained
+
+    def _awaited(self) -> bool:
+        """Some batch in flight has requests waiting for it (lingering ones have none)."""
+        return any(r.batches_in_flight > len(r.lingering) for r in self.replicas)
 
     # -- the batching thread
     def _ready_replicas(self) -> List[Replica]:
@@ -151,7 +168,7 @@ class Dispatcher:
                     continue
                 replica = self.policy(ready)
                 self._count(replica, batch, +1)
-            self._send(replica, batch, retried=False)
+            self._send(replica, batch)
 
     def _fill_wait(self) -> None:
         """With serve.max_queue_delay_ms > 0, hold the batch until it fills or its oldest request
@@ -183,76 +200,130 @@ class Dispatcher:
         replica.rows_in_flight += sign * sum(len(p.rows) for p in batch)
 
     # -- a batch on a replica
-    def _send(self, replica: Replica, batch: List[Pending], retried: bool) -> None:
+    def _send(self, replica: Replica, batch: List[Pending]) -> None:
         rows = torch.cat([p.rows for p in batch]) if len(batch) > 1 else batch[0].rows
-        now = time.monotonic()
+        self._probe_rows = torch.zeros_like(rows[:1])
+        now, batch_id = time.monotonic(), next(self._batch_ids)
         for pending in batch:
             pending.sent = pending.sent or now
         self.on_batch(replica.replica, len(rows))
         try:
-            future = rpc.rpc_async(replica.workers[0], infer_on_stage, args=(replica.replica, 0, rows),
+            future = rpc.rpc_async(replica.workers[0], infer_on_stage, args=(replica.replica, 0, rows, batch_id),
                                    timeout=self.limits.replica_timeout_s)
         except RuntimeError as err:  # the agent knows the connection is gone
-            self._answered(replica, batch, retried, None, err)
+            self._answered(replica, batch, batch_id, None, err)
             return
-        future.add_done_callback(lambda f: self._answered(replica, batch, retried, f, None))
+        future.add_done_callback(lambda f: self._answered(replica, batch, batch_id, f, None))
 
-    def _answered(self, replica: Replica, batch: List[Pending], retried: bool, future, error) -> None:
+    def _answered(self, replica: Replica, batch: List[Pending], batch_id: int, future, error) -> None:
         try:
-            logits = future.wait() if error is None else None
+            parts = _split(future.wait(), batch) if error is None else None
+        except _BadReply as err:  # the replica answered, with something that does not fit the batch
+            self._settle(replica, batch, batch_id, lingers=False, served=True)
+            log.error("replica %d answered a batch of %d requests with %s; answering them INTERNAL",
+                      replica.replica, len(batch), err)
+            for pending in batch:
+                pending.finish(error=Refused(grpc.StatusCode.INTERNAL, "the replica's answer did not fit the batch "
+                                             "(the server's log says why)"))
+            return
         except Exception as err:  # noqa: BLE001 - the replica raised, died or timed out
             error = err
-        with self._cv:
-            self._count(replica, batch, -1)
-            if error is None:
-                replica.served += 1
-            self._cv.notify_all()
         if error is None:
-            for pending, part in zip(batch, logits.split([len(p.rows) for p in batch])):
-                pending.finish(part, batch_rows=len(logits))
+            self._settle(replica, batch, batch_id, lingers=False, served=True)
+            for pending, part in parts:
+                pending.finish(part, batch_rows=sum(len(p.rows) for p in batch))
             return
-        self._take_out(replica, error)
-        other = None if retried else self._another(replica, batch)
-        if other is not None:
-            self._send(other, batch, retried=True)
-            return
-        for pending in batch:
-            pending.finish(error=Refused(grpc.StatusCode.UNAVAILABLE,
-                                         f"replica {replica.replica} failed ({first_line(error)}) and no other "
-                                         "could take the batch; retry"))
-
-    def _another(self, failed: Replica, batch: List[Pending]) -> Optional[Replica]:
         with self._cv:
-            others = [r for r in self.replicas if r.in_rotation and r is not failed]
-            if not others:
-                return None
-            choice = self.policy(others)
-            self._count(choice, batch, +1)
-            return choice
+            # Out of rotation and back in the queue in one step: a drain never sees the requests
+            # nowhere, and the batcher never hands them to this replica again before a probe.
+            was_in = replica.in_rotation
+            replica.in_rotation = False
+            self._settle(replica, batch, batch_id, lingers=timed_out(error), served=False)
+            self._requeue(batch, replica, error)
+        if was_in:
+            log.warning("replica %d (%s) is out of rotation: %s", replica.replica, ", ".join(replica.workers),
+                        first_line(error))
+
+    def _settle(self, replica: Replica, batch: List[Pending], batch_id: int, lingers: bool, served: bool) -> None:
+        """The batch is answered (or given up on): free its place, unless it may still be running."""
+        with self._cv:
+            if lingers:
+                replica.lingering[batch_id] = sum(len(p.rows) for p in batch)
+            else:
+                self._count(replica, batch, -1)
+            replica.served += served
+            self._cv.notify_all()
+
+    def _requeue(self, batch: List[Pending], failed: Replica, error: BaseException) -> None:
+        """A failed batch's requests go back to the queue's head, once; called with the lock held."""
+        retry = not self._stopped.is_set() and any(r.in_rotation for r in self.replicas)
+        now = time.monotonic()
+        for pending in reversed(batch):
+            if pending.done.is_set():
+                continue
+            if pending.abandoned or (pending.deadline is not None and pending.deadline <= now):
+                pending.finish(error=Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                             "the deadline passed before a replica answered"))
+            elif pending.retried or not retry:
+                pending.finish(error=Refused(grpc.StatusCode.UNAVAILABLE,
+                                             f"replica {failed.replica} failed ({first_line(error)}) and no other "
+                                             "could take the request; retry"))
+            else:
+                pending.retried = True
+                self._queue.appendleft(pending)
+                self._queued_rows += len(pending.rows)
+        self._cv.notify_all()
 
     # -- rotation
-    def _take_out(self, replica: Replica, error: BaseException) -> None:
-        with self._cv:
-            if not replica.in_rotation:
-                return
-            replica.in_rotation = False
-        log.warning("replica %d (%s) is out of rotation: %s", replica.replica, ", ".join(replica.workers),
-                    first_line(error))
-
     def _probe_forever(self) -> None:
+        """Every PROBE_EVERY_S: a real batch through each replica out of rotation (back in when it
+        answers), and which of a replica's lingering batches still run."""
         while not self._stopped.wait(PROBE_EVERY_S):
-            for replica in [r for r in self.replicas if not r.in_rotation]:
-                if self._answers(replica):
-                    with self._cv:
-                        replica.in_rotation = True
-                        self._cv.notify_all()
-                    log.warning("replica %d (%s) answers again: back in rotation", replica.replica,
-                                ", ".join(replica.workers))
+            for replica in self.replicas:
+                try:
+                    self._probe(replica)
+                except Exception as err:  # noqa: BLE001 - the RPC agent refused the call: next round
+                    replica.probing = False
+                    log.debug("probing replica %d: %s", replica.replica, first_line(err))
 
-    def _answers(self, replica: Replica) -> bool:
-        probes = [rpc.rpc_async(w, answer, timeout=min(2.0, self.limits.replica_timeout_s)) for w in replica.workers]
+    def _probe(self, replica: Replica) -> None:
+        with self._cv:
+            if replica.probing or (replica.in_rotation and not replica.lingering):
+                return
+            replica.probing, ids = True, list(replica.lingering)
+            rows = None if replica.in_rotation else self._probe_rows
+        future = rpc.rpc_async(replica.workers[0], probe, args=(replica.replica, rows, ids),
+                               timeout=self.limits.replica_timeout_s)
+        future.add_done_callback(lambda f: self._probed(replica, f))
+
+    def _probed(self, replica: Replica, future) -> None:
         try:
-            torch.futures.wait_all(probes)
-            return True
-        except Exception:  # noqa: BLE001 - still silent or gone: try again later
-            return False
+            running = set(future.wait())
+        except Exception:  # noqa: BLE001 - still stuck, silent or gone: next round
+            replica.probing = False
+            return
+        with self._cv:
+            for batch_id in [i for i in replica.lingering if i not in running]:
+                replica.batches_in_flight -= 1
+                replica.rows_in_flight -= replica.lingering.pop(batch_id)
+            back = not replica.in_rotation and not self._stopped.is_set()
+            replica.in_rotation, replica.probing = True, False
+            self._cv.notify_all()
+        if back:
+            log.warning("replica %d (%s) answers again: back in rotation%s", replica.replica,
+                        ", ".join(replica.workers),
+                        f" ({len(replica.lingering)} timed-out batch(es) still running there)" if replica.lingering
+                        else "")
+
+
+class _BadReply(Exception):
+    pass
+
+
+def _split(logits, batch: List[Pending]) -> list:
+    """(request, its rows of the logits) for each request of the batch; _BadReply if they do not fit."""
+    sizes = [len(p.rows) for p in batch]
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or len(logits) != sum(sizes):
+        shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise _BadReply(f"{shape} for {sum(sizes)} rows")
+    return list(zip(batch, logits.split(sizes)))

@@ -4,11 +4,16 @@ The front end creates each `ServeStage` with `rpc.remote` and keeps the RRef (it
 batches go through `infer_on_stage` by (replica, stage) id, as the training pipeline's
 micro-batches do, so no RRef travels per batch. A replica of several stages passes each
 batch's activations stage to stage; the last stage's output returns along the chain.
+
+A batch the front end gave up on (its RPC timed out) may still be computing: the first stage
+keeps the ids of the batches running through the replica, and `probe` says which still are,
+so that the front end counts them against the replica's in-flight limit until they end.
 """
 
 import logging
 import os
-from typing import Dict, Optional, Tuple
+import threading
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.distributed.rpc as rpc
@@ -20,6 +25,9 @@ log = logging.getLogger(__name__)
 
 # The stages hosted by this process, by (replica, stage), for `infer_on_stage`.
 _LOCAL: Dict[Tuple[int, int], "ServeStage"] = {}
+# The batches running through each replica whose first stage is here, by id.
+_RUNNING: Dict[int, Set[int]] = {}
+_RUNNING_LOCK = threading.Lock()
 
 
 def local_device(device: str) -> torch.device:
@@ -48,13 +56,33 @@ class ServeStage:
 
 
 @rpc.functions.async_execution
-def infer_on_stage(replica: int, stage: int, x: torch.Tensor) -> torch.futures.Future:
+def infer_on_stage(replica: int, stage: int, x: torch.Tensor, batch_id: Optional[int] = None) -> torch.futures.Future:
     """Run a batch through this stage, then on through the replica's next stage, if any.
 
     Tensors cross processes on the CPU: the front end only moves request and reply bytes, and
     a stage on a GPU copies its batch there and back. async_execution frees this RPC thread
-    while the next stage computes.
+    while the next stage computes. `batch_id` (first stage only) is kept in `_RUNNING` until
+    the whole replica has answered it.
     """
+    if batch_id is None:
+        return _through(replica, stage, x)
+    with _RUNNING_LOCK:
+        _RUNNING.setdefault(replica, set()).add(batch_id)
+
+    def ended(_=None) -> None:
+        with _RUNNING_LOCK:
+            _RUNNING[replica].discard(batch_id)
+
+    try:
+        future = _through(replica, stage, x)
+    except BaseException:
+        ended()
+        raise
+    future.add_done_callback(ended)
+    return future
+
+
+def _through(replica: int, stage: int, x: torch.Tensor) -> torch.futures.Future:
     here = _LOCAL[(replica, stage)]
     with torch.no_grad():
         y = here.module(x.to(here.device)).cpu()
@@ -65,6 +93,16 @@ def infer_on_stage(replica: int, stage: int, x: torch.Tensor) -> torch.futures.F
     return rpc.rpc_async(here.next_worker, infer_on_stage, args=(replica, stage + 1, y))
 
 
-def answer() -> int:
-    """The probe of a replica out of rotation: any answer means its process serves RPCs again."""
-    return os.getpid()
+@rpc.functions.async_execution
+def probe(replica: int, x: Optional[torch.Tensor], batch_ids: Sequence[int]) -> torch.futures.Future:
+    """Which of `batch_ids` still run on this replica, after `x` (a real batch, when given) went
+    through all its stages: a replica whose process answers but whose model is stuck does not."""
+    def still_running(_=None) -> List[int]:
+        with _RUNNING_LOCK:
+            return [i for i in batch_ids if i in _RUNNING.get(replica, ())]
+
+    if x is None:
+        done = torch.futures.Future()
+        done.set_result(still_running())
+        return done
+    return _through(replica, 0, x).then(lambda answered: (answered.wait(), still_running())[1])
