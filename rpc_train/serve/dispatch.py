@@ -27,6 +27,7 @@ import torch.distributed.rpc as rpc
 
 from rpc_train.config.errors import first_line
 from rpc_train.runtime.liveness import timed_out
+from rpc_train.serve.admission import arrived
 from rpc_train.serve.replica import infer_on_stage, probe
 from rpc_train.serve.routing import Policy, ReplicaLoad
 
@@ -58,6 +59,7 @@ class Pending:
     batch_rows: int = 0
     error: Optional[Refused] = None
     abandoned: bool = False  # its caller stopped waiting: never compute it
+    on_finish: Callable[[], None] = lambda: None
     retried: bool = False  # back in the queue once after a replica failed with it
 
     def finish(self, logits: Optional[torch.Tensor] = None, batch_rows: int = 0,
@@ -68,6 +70,7 @@ class Pending:
                 return
             self.logits, self.batch_rows, self.error = logits, batch_rows, error
             self.done.set()
+        self.on_finish()
 
 
 @dataclass
@@ -86,6 +89,7 @@ class BatchingLimits:
     max_queue_delay_s: float
     max_queue_rows: int
     replica_timeout_s: float
+    max_waiting_requests: int = 0  # requests waiting at once (serve.threads: each holds a thread); 0: any
 
 
 class Dispatcher:
@@ -99,6 +103,7 @@ class Dispatcher:
         self._open: "weakref.WeakSet[Pending]" = weakref.WeakSet()  # submitted, maybe unanswered
         self._accepting, self._stopped = True, threading.Event()
         self._batch_ids = itertools.count()
+        self._waiting = 0  # submitted, not answered yet
         self._probe_rows: Optional[torch.Tensor] = None  # one zero row shaped like the requests'
         self._threads = [threading.Thread(target=self._batch_forever, name="batcher", daemon=True),
                          threading.Thread(target=self._probe_forever, name="prober", daemon=True)]
@@ -110,21 +115,31 @@ class Dispatcher:
         return self._accepting and any(r.in_rotation for r in self.replicas)
 
     def submit(self, rows: torch.Tensor, deadline: Optional[float]) -> Pending:
-        pending = Pending(rows, deadline)
+        # Its queue time counts from the call's arrival in gRPC's pool (admission.py).
+        pending = Pending(rows, deadline, enqueued=arrived(), on_finish=self._answered_one)
         with self._cv:
             if not self._accepting:
                 raise Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")
             if not any(r.in_rotation for r in self.replicas):
                 raise Refused(grpc.StatusCode.UNAVAILABLE, "no replica is in rotation; retry shortly")
+            waiting = self.limits.max_waiting_requests
+            if waiting and self._waiting >= waiting:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{self._waiting} requests are waiting already, serve.threads={waiting}; retry later")
             if self._queued_rows + len(rows) > self.limits.max_queue_rows:
                 raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"the queue holds {self._queued_rows} rows and serve.max_queue_size="
                               f"{self.limits.max_queue_rows}; retry later")
             self._queue.append(pending)
             self._open.add(pending)
+            self._waiting += 1
             self._queued_rows += len(rows)
             self._cv.notify_all()
         return pending
+
+    def _answered_one(self) -> None:
+        with self._cv:
+            self._waiting -= 1
 
     def drain(self, timeout_s: float) -> bool:
         """Refuse new requests, answer every queued and in-flight one, stop; False on timeout."""

@@ -69,7 +69,7 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     metrics = ServeMetrics(len(replicas), conf.max_batch_size, lambda r: replicas[r].rows_in_flight,
                            lambda: sum(r.in_rotation for r in replicas))
     limits = BatchingLimits(conf.max_batch_size, conf.max_inflight_batches, conf.max_queue_delay_ms / 1e3,
-                            conf.max_queue_size, conf.replica_timeout_s)
+                            conf.max_queue_size, conf.replica_timeout_s, max_waiting_requests=conf.threads)
     dispatcher = Dispatcher(replicas, POLICIES[conf.routing](), limits, on_batch=metrics.batch_sent)
     cache = ResponseCache(conf.cache_size, sha256_of(served.weights)) if conf.cache_size else None
     spec = ModelSpec(served.name, served.shape, served.num_classes, conf.max_batch_size)

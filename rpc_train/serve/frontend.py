@@ -9,13 +9,13 @@ UNAVAILABLE while not ready or draining, DEADLINE_EXCEEDED; INTERNAL only for ou
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import rpc_train
+from rpc_train.serve.admission import CallPool, arrived, max_calls
 from rpc_train.serve.cache import ResponseCache
 from rpc_train.serve.codec import BadRequest, ModelSpec, check_model, decode, encode
 from rpc_train.serve.dispatch import Dispatcher, Refused
@@ -69,7 +69,7 @@ class InferenceService:
             return self._active == 0
 
     def _answer(self, request, context):
-        started = time.monotonic()
+        started = arrived()  # when gRPC handed the call to its pool: a wait for a thread counts
         try:
             reply, queued_s = self._infer(request, _deadline(context))
         except (BadRequest, Refused) as err:
@@ -148,7 +148,7 @@ def start_server(service: InferenceService, reporter: HealthReporter, conf) -> g
     # gRPC's own limit sits well above ours, so that a request over ours still reaches the handler
     # and gets INVALID_ARGUMENT naming the limit; past gRPC's, gRPC answers RESOURCE_EXHAUSTED.
     limit = 4 * service.max_message_bytes
-    server = grpc.server(ThreadPoolExecutor(max_workers=conf.threads, thread_name_prefix="grpc"),
+    server = grpc.server(CallPool(conf.threads), maximum_concurrent_rpcs=max_calls(conf.threads),  # admission.py
                          interceptors=[TokenAuth(conf.auth_token_file)] if conf.auth_token_file else [],
                          options=[("grpc.max_receive_message_length", limit),
                                   ("grpc.max_send_message_length", limit),
