@@ -101,7 +101,7 @@ class Dispatcher:
         self._queue: Deque[Pending] = deque()
         self._queued_rows = 0
         self._open: "weakref.WeakSet[Pending]" = weakref.WeakSet()  # submitted, maybe unanswered
-        self._accepting, self._stopped = True, threading.Event()
+        self._accepting, self._unready, self._stopped = True, False, threading.Event()
         self._batch_ids = itertools.count()
         self._waiting = 0  # submitted, not answered yet
         self._probe_rows: Optional[torch.Tensor] = None  # one zero row shaped like the requests'
@@ -112,7 +112,11 @@ class Dispatcher:
 
     # -- the handlers' side
     def ready(self) -> bool:
-        return self._accepting and any(r.in_rotation for r in self.replicas)
+        return self._accepting and not self._unready and any(r.in_rotation for r in self.replicas)
+
+    def unready(self) -> None:
+        """Say not ready from now on, while still taking requests (a drain's grace period)."""
+        self._unready = True
 
     def submit(self, rows: torch.Tensor, deadline: Optional[float]) -> Pending:
         # Its queue time counts from the call's arrival in gRPC's pool (admission.py).

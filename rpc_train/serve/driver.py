@@ -1,13 +1,12 @@
 """Serving on the driver (rank 0): build the replicas, warm them up, answer gRPC until told to stop.
 
-SIGTERM (launch.sh forwards it, and Ctrl-C, here) drains: new requests get UNAVAILABLE,
-queued and in-flight ones are answered, then the front end stops and the RPC world shuts down
-gracefully, so every rank exits 0.
+SIGTERM or SIGINT to any process of the job drains (serve/lifecycle.py): readiness goes false,
+new requests get UNAVAILABLE after serve.drain_grace_s, queued and in-flight ones are answered,
+then the front end stops and the RPC world shuts down gracefully, so every rank exits 0.
 """
 
 import logging
 import os
-import signal
 import threading
 import time
 from typing import List
@@ -25,6 +24,7 @@ from rpc_train.serve.cache import ResponseCache
 from rpc_train.serve.codec import ModelSpec
 from rpc_train.serve.dispatch import BatchingLimits, Dispatcher, Replica
 from rpc_train.serve.frontend import HealthReporter, InferenceService, start_server
+from rpc_train.serve.lifecycle import STOP
 from rpc_train.serve.observe import ServeMetrics, summary_line
 from rpc_train.serve.replica import ServeStage, infer_on_stage
 from rpc_train.serve.routing import POLICIES
@@ -32,7 +32,6 @@ from rpc_train.serve.source import ServedModel, build_served, served_model
 
 log = logging.getLogger(__name__)
 
-PID_FILE = "frontend.pid"  # launch.sh signals this process to drain
 LINGER_S = 1.0
 
 
@@ -81,10 +80,7 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     except (RuntimeError, OSError) as err:
         raise ConfigError(f"serve.port={conf.port} or serve.metrics_port={conf.metrics_port}: {err} (is another "
                           "server on it?); choose free ports") from err
-    stop = _stop_on_signals()
-    with open(os.path.join(run_dir, PID_FILE), "w") as f:
-        f.write(f"{os.getpid()}\n")
-    health.update(True)
+    health.update(not STOP.is_set())  # a signal during start-up: never ready, drain at once
     log.info("ready: %d replica(s) of %d stage(s) on %s, gRPC on %s:%d%s%s%s", len(replicas), conf.stages,
              ", ".join(r.workers[0] for r in replicas), conf.host, conf.port,
              " (TLS" + (", mutual)" if conf.tls.client_ca else ")") if conf.tls.cert else " (plaintext)",
@@ -93,7 +89,7 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     logger, started = RunLogger(run_dir), time.monotonic()
     logger.config(cfg)
     try:
-        report(stop, metrics, logger, conf.log_every_s, health, service)
+        report(STOP, metrics, logger, conf.log_every_s, health, service)
         _drain_and_stop(conf, service, health, dispatcher, server, rrefs)
     finally:
         # The config and the session's totals, as a training run ends with its HParams.
@@ -105,9 +101,12 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
 def _drain_and_stop(conf, service: InferenceService, health: HealthReporter, dispatcher: Dispatcher, server,
                     rrefs) -> None:
     """Answer what is queued and in flight, refuse what comes, stop gRPC, free the replicas."""
-    log.info("draining: new requests get UNAVAILABLE, queued and in-flight ones are answered")
-    service.draining = True
+    log.info("draining: not ready now; new requests get UNAVAILABLE in %g s (serve.drain_grace_s), queued and "
+             "in-flight ones are answered", conf.drain_grace_s)
+    dispatcher.unready()
     health.update(False)
+    time.sleep(conf.drain_grace_s)  # still serving: time for a load balancer to see we are not ready
+    service.draining = True
     drained = dispatcher.drain(timeout_s=2 * conf.replica_timeout_s)
     # Every handler has its answer now; new calls keep getting UNAVAILABLE from the handlers for a
     # moment, so that few arrive just as gRPC closes (those may see CANCELLED instead).
@@ -138,10 +137,3 @@ def report(stop: threading.Event, metrics: ServeMetrics, logger: RunLogger, ever
             logger.scalars(int(next_report - started), scalars)
             logger.flush()
             log.info(summary_line(scalars))
-
-
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
