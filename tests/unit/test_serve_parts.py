@@ -129,3 +129,23 @@ def test_the_dispatcher_is_not_ready_and_refuses_while_no_replica_is_in_rotation
     finally:
         dispatcher.drain(timeout_s=1)
     assert not dispatcher.ready()  # draining: no new request is taken
+
+
+def test_liveness_never_depends_on_a_replica_and_readiness_goes_false_on_a_drain():
+    # Triton #7014: a server whose model cannot serve is still live; only readiness says so.
+    from rpc_train.serve.dispatch import BatchingLimits, Dispatcher, Replica
+    from rpc_train.serve.frontend import InferenceService
+
+    replicas = [Replica(replica=0, workers=["worker1"], in_rotation=False)]
+    dispatcher = Dispatcher(replicas, POLICIES["least_loaded"](), BatchingLimits(4, 1, 0.0, 8, 1.0))
+    service = InferenceService(ModelSpec("mlp", [1, 8, 8], 10, 4), dispatcher, 1.0, metrics=None)
+    try:
+        assert service.ServerLive(None, None).live and not service.ServerReady(None, None).ready
+        replicas[0].in_rotation = True
+        assert service.ServerReady(None, None).ready
+        dispatcher.unready()  # a drain's grace period: not ready, still taking requests
+        assert not service.ServerReady(None, None).ready and service.ServerLive(None, None).live
+        assert dispatcher.submit(torch.zeros(1, 1, 8, 8), None) is not None
+    finally:
+        dispatcher.drain(timeout_s=0.1)
+    assert service.ServerLive(None, None).live and not service.ServerReady(None, None).ready
