@@ -21,7 +21,7 @@
 # RDZV_ENDPOINT=<first host of the step's nodes>:$RDZV_PORT, RUN_DIR=outputs/slurm-$SLURM_JOB_ID.
 # Exit status: 0 when every rank succeeded, 2 for a bad value found before any process starts,
 # otherwise non-zero (a configuration error found mid-run, by the driver, exits 1).
-# With mode=serve, SIGTERM or Ctrl-C drains the front end and every rank exits 0.
+# With mode=serve, SIGTERM or Ctrl-C drains the front end and every rank exits 0; a second one forces.
 set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 2; }
@@ -138,7 +138,12 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # and a restarted group's init_rpc reads them and hangs (pytorch/pytorch#135712).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
-run=("$PYTHON" -m torch.distributed.run "${rdzv[@]}" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS"
+serving=0
+for arg in "$@"; do [[ $arg == mode=serve ]] && serving=1; done
+# A serving job's torchrun passes SIGTERM and SIGINT on to its ranks, which drain (see below).
+agent=torch.distributed.run
+(( serving )) && agent=rpc_train.serve.agent
+run=("$PYTHON" -m "$agent" "${rdzv[@]}" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS"
      -m rpc_train.train "hydra.run.dir=$RUN_DIR" "$@")
 if (( LAUNCH_DRY_RUN )); then
   echo "run dir: $RUN_DIR"
@@ -147,27 +152,31 @@ if (( LAUNCH_DRY_RUN )); then
 fi
 echo "rpc_train: run dir $RUN_DIR" >&2
 
-serving=0
-for arg in "$@"; do [[ $arg == mode=serve ]] && serving=1; done
 if (( ! serving )); then
   exec "${run[@]}"
 fi
 
-# Serving drains on SIGTERM or Ctrl-C: the signal goes to the front end (rank 0) alone, which
-# answers what it holds and shuts the world down, so every rank and torchrun exit 0. torchrun
-# runs in a session of its own so that Ctrl-C does not reach it (it would kill every rank).
+# Serving drains on SIGTERM or Ctrl-C, sent here, to torchrun, to any rank, or to all at once
+# (docs/serving.md): torchrun runs through rpc_train.serve.agent, which passes the signal on to
+# the ranks instead of killing them, and every rank turns it into one drain on the front end, so
+# every rank and torchrun exit 0. torchrun runs in a session of its own so that Ctrl-C reaches
+# this script alone. A second signal here forces the job down (a drain stuck on a hung replica).
 setsid "${run[@]}" &
 torchrun_pid=$!
+signals=0
 # shellcheck disable=SC2329  # called by the trap below
-drain() {
-  local pid
-  if pid=$(cat "$RUN_DIR/frontend.pid" 2>/dev/null) && kill -TERM "$pid" 2>/dev/null; then
-    echo "rpc_train: draining the front end (pid $pid)" >&2
-  else  # not serving yet: nothing to drain
+stop() {
+  signals=$((signals + 1))
+  if (( signals == 1 )); then
+    echo "rpc_train: draining (a second Ctrl-C or SIGTERM forces the job down)" >&2
     kill -TERM "$torchrun_pid" 2>/dev/null || true
+  else
+    echo "rpc_train: forcing the job down: killing torchrun and its ranks" >&2
+    pkill -KILL -P "$torchrun_pid" 2>/dev/null || true  # the ranks, each in a session of its own
+    kill -KILL "$torchrun_pid" 2>/dev/null || true
   fi
 }
-trap drain TERM INT
+trap stop TERM INT
 while true; do  # a trapped signal ends `wait` early: wait again until torchrun has exited
   wait "$torchrun_pid" && status=0 || status=$?
   kill -0 "$torchrun_pid" 2>/dev/null || break

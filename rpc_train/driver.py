@@ -11,6 +11,7 @@ import os
 import torch
 from omegaconf import DictConfig
 
+from rpc_train.checkpoint.store import save_file
 from rpc_train.metrics.tensorboard import RunLogger, flat_hparams
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,17 @@ def drive(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     finally:
         logger.close()
     if cfg.trainer.save_model:
-        path = os.path.join(run_dir, "model.pt")
-        torch.save(state_dict(), path)
+        path = save_model(run_dir, state_dict())
         log.info("saved the trained model's state_dict to %s", path)
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(final, f, indent=1)
     log.info("done: %s", ", ".join(f"{k} {v:.4g}" for k, v in sorted(final.items())))
     return final
+
+
+def save_model(run_dir: str, state_dict: dict) -> str:
+    """model.pt, written under a temporary name in the run dir and renamed: a server looking for
+    the newest run never finds a file still being written."""
+    path = os.path.join(run_dir, "model.pt")
+    save_file(path, state_dict)
+    return path

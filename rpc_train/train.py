@@ -45,6 +45,10 @@ def train(cfg: DictConfig) -> Optional[dict]:
     from rpc_train.runtime.world import World, configure_process
 
     world = World.from_env()
+    if cfg.mode.name == "serve":  # from now on a signal drains the service (serve/lifecycle.py)
+        from rpc_train.serve.lifecycle import hold_signals
+
+        hold_signals(front_end=world.is_driver)
     validate(cfg, world.size)
     check_device(cfg.device)  # on every rank, before the device maps are built from the GPU count
     configure_process(cfg.runtime, world)

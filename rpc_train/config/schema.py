@@ -208,6 +208,9 @@ class ServeConf:
     metrics_port: int = 8002
     # TensorBoard scalars and a one-line summary in the log every this many seconds.
     log_every_s: float = 10.0
+    # On SIGTERM/SIGINT readiness goes false at once, but requests are still taken this long
+    # before new ones get UNAVAILABLE: time for a load balancer to stop sending (Triton #6230).
+    drain_grace_s: float = 2.0
 
 
 @dataclass

@@ -247,6 +247,8 @@ def _serve_problems(serve: DictConfig, world_size: int) -> Iterator[str]:
                "a full batch could never queue")
     if serve.max_queue_delay_ms < 0:
         yield f"serve.max_queue_delay_ms={serve.max_queue_delay_ms}: must be 0 (no wait) or more"
+    if serve.drain_grace_s < 0:
+        yield f"serve.drain_grace_s={serve.drain_grace_s}: must be 0 (refuse at once) or more seconds"
     if serve.routing not in ROUTINGS:
         yield f"serve.routing={serve.routing}: expected one of {', '.join(ROUTINGS)}"
     if not 0 < serve.port < 65536:

@@ -20,6 +20,7 @@ from typing import Optional
 import grpc
 
 import rpc_train
+from rpc_train.serve.admission import arrived
 from rpc_train.serve.cache import ResponseCache
 from rpc_train.serve.dispatch import Dispatcher, Refused
 from rpc_train.serve.observe import ServeMetrics
@@ -43,6 +44,7 @@ class ServingCore:
         self.repository, self.dispatcher, self.metrics, self.cache = repository, dispatcher, metrics, cache
         self.rollout, self.instance_kind = rollout, instance_kind
         self.max_message_mb, self.max_message_bytes = max_message_mb, message_bytes(max_message_mb)
+        self.loaded = False  # every model of the start-up answered its warm-up (the driver says so)
         self.draining = False
         self._active, self._active_lock = 0, threading.Lock()  # ModelInfer calls being answered
 
@@ -51,7 +53,7 @@ class ServingCore:
         return True  # never depends on a model: a process that answers is alive
 
     def ready(self) -> bool:
-        return not self.draining and self.dispatcher.ready()
+        return self.loaded and not self.draining and self.dispatcher.ready()
 
     def version_of(self, name: str, version: str = "") -> Version:
         """The version that answers (name, version): NOT_FOUND for a model or version not loaded."""
@@ -114,7 +116,7 @@ class ServingCore:
     # -- inference
     def infer(self, request: InferRequest) -> InferReply:
         """The reply, or ServeError with the status the caller gets; every call is counted."""
-        started, times = time.monotonic(), RequestTimes()
+        started, times = arrived(), RequestTimes()  # a wait for a gRPC thread counts too
         with self._active_lock:
             self._active += 1
         try:

@@ -1,14 +1,13 @@
 """Serving on the driver (rank 0): start the replicas, load every model into them one replica at a
 time (`rollout.py`, which warms each up), answer gRPC and HTTP until told to stop.
 
-SIGTERM (launch.sh forwards it, and Ctrl-C, here) drains: new requests get UNAVAILABLE (HTTP 503),
-queued and in-flight ones are answered, then the front ends stop and the RPC world shuts down
-gracefully, so every rank exits 0.
+SIGTERM or SIGINT to any process of the job drains (serve/lifecycle.py): readiness goes false,
+new requests get UNAVAILABLE (HTTP 503) after serve.drain_grace_s, queued and in-flight ones are
+answered, then the front ends stop and the RPC world shuts down gracefully, so every rank exits 0.
 """
 
 import logging
 import os
-import signal
 import threading
 import time
 
@@ -24,6 +23,7 @@ from rpc_train.serve.core import ServingCore
 from rpc_train.serve.dispatch import BatchingLimits, Dispatcher, Replica
 from rpc_train.serve.frontend import HealthReporter, InferenceService, start_server
 from rpc_train.serve.http_server import start_http, start_metrics
+from rpc_train.serve.lifecycle import STOP
 from rpc_train.serve.observe import ServeMetrics, summary_line
 from rpc_train.serve.replica import ServeStage
 from rpc_train.serve.repository import Repository
@@ -34,7 +34,6 @@ from rpc_train.serve.tensors import ServeError
 
 log = logging.getLogger(__name__)
 
-PID_FILE = "frontend.pid"  # launch.sh signals this process to drain
 LINGER_S = 1.0
 
 
@@ -61,19 +60,13 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     metrics = ServeMetrics(len(replicas), conf.max_batch_size, lambda r: replicas[r].rows_in_flight,
                            lambda: sum(r.in_rotation for r in replicas))
     limits = BatchingLimits(conf.max_batch_size, conf.max_inflight_batches, conf.max_queue_delay_ms / 1e3,
-                            conf.max_queue_size, conf.replica_timeout_s)
+                            conf.max_queue_size, conf.replica_timeout_s, max_waiting_requests=conf.threads)
     repository = Repository(conf.keep_versions)
     dispatcher = Dispatcher(replicas, POLICIES[conf.routing](), limits, on_batch=metrics.batch_sent,
                             on_computed=repository.record_batch)
     cache = ResponseCache(conf.cache_size) if conf.cache_size else None
     rollout = Rollout(repository, dispatcher, stage_rrefs, conf, cfg.pipeline.balance,
                       max(conf.replica_timeout_s, cfg.runtime.rpc_timeout_s))
-    for name, served in models.items():
-        log.info("serving model '%s' from %s", name, os.path.abspath(served.run_dir))
-        try:
-            rollout.load(name, served.run_dir)
-        except ServeError as err:
-            raise ConfigError(err.message) from err
     core = ServingCore(repository, dispatcher, metrics, conf.max_message_mb, cache, rollout,
                        "KIND_GPU" if cfg.device == "cuda" else "KIND_CPU")
     service, health = InferenceService(core), HealthReporter()
@@ -85,12 +78,17 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     except (RuntimeError, OSError) as err:
         raise ConfigError(f"serve.port={conf.port}, serve.http_port={conf.http_port} or serve.metrics_port="
                           f"{conf.metrics_port}: {err} (is another server on it?); choose free ports") from err
-    stop = _stop_on_signals()
+    # Live from here, ready once every model answered its warm-up on every replica.
+    for name, served in models.items():
+        log.info("serving model '%s' from %s", name, os.path.abspath(served.run_dir))
+        try:
+            rollout.load(name, served.run_dir)
+        except ServeError as err:
+            raise ConfigError(err.message) from err
+    core.loaded = True
     if conf.watch:
-        rollout.watch(stop)
-    with open(os.path.join(run_dir, PID_FILE), "w") as f:
-        f.write(f"{os.getpid()}\n")
-    health.update(True)
+        rollout.watch(STOP)
+    health.update(core.ready() and not STOP.is_set())  # a signal during start-up: never ready, drain at once
     log.info("ready: %s on %d replica(s) of %d stage(s) on %s, gRPC on %s:%d%s%s%s%s", ", ".join(models),
              len(replicas), conf.stages, ", ".join(r.workers[0] for r in replicas), conf.host, conf.port,
              f", HTTP on {conf.host}:{conf.http_port}" if conf.http_port else "",
@@ -100,7 +98,7 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     logger, started = RunLogger(run_dir), time.monotonic()
     logger.config(cfg)
     try:
-        report(stop, metrics, logger, conf.log_every_s, health, core)
+        report(STOP, metrics, logger, conf.log_every_s, health, core)
         _drain_and_stop(conf, core, health, dispatcher, server, rrefs, http)
     finally:
         # The config and the session's totals, as a training run ends with its HParams.
@@ -112,9 +110,12 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
 def _drain_and_stop(conf, core: ServingCore, health: HealthReporter, dispatcher: Dispatcher, server,
                     rrefs, http=None) -> None:
     """Answer what is queued and in flight, refuse what comes, stop gRPC and HTTP, free the replicas."""
-    log.info("draining: new requests get UNAVAILABLE, queued and in-flight ones are answered")
-    core.draining = True
+    log.info("draining: not ready now; new requests get UNAVAILABLE in %g s (serve.drain_grace_s), queued and "
+             "in-flight ones are answered", conf.drain_grace_s)
+    dispatcher.unready()
     health.update(False)
+    time.sleep(conf.drain_grace_s)  # still serving: time for a load balancer to see we are not ready
+    core.draining = True
     drained = dispatcher.drain(timeout_s=2 * conf.replica_timeout_s)
     # Every handler has its answer now; new calls keep getting UNAVAILABLE from the handlers for a
     # moment, so that few arrive just as gRPC closes (those may see CANCELLED instead).
@@ -147,10 +148,3 @@ def report(stop: threading.Event, metrics: ServeMetrics, logger: RunLogger, ever
             logger.scalars(int(next_report - started), scalars)
             logger.flush()
             log.info(summary_line(scalars))
-
-
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop

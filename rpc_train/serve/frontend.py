@@ -8,12 +8,12 @@ or draining, DEADLINE_EXCEEDED; INTERNAL only for our own bugs).
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from rpc_train.serve.admission import CallPool, max_calls
 from rpc_train.serve.codec import message_of, reply_message, parameters_of, request_of
 from rpc_train.serve.core import ServingCore
 from rpc_train.serve.protocol import SERVICE, handler, pb
@@ -124,7 +124,7 @@ def start_server(service: InferenceService, reporter: HealthReporter, conf) -> g
     # gRPC's own limit sits well above ours, so that a request over ours still reaches the handler
     # and gets INVALID_ARGUMENT naming the limit; past gRPC's, gRPC answers RESOURCE_EXHAUSTED.
     limit = 4 * service.core.max_message_bytes
-    server = grpc.server(ThreadPoolExecutor(max_workers=conf.threads, thread_name_prefix="grpc"),
+    server = grpc.server(CallPool(conf.threads), maximum_concurrent_rpcs=max_calls(conf.threads),  # admission.py
                          interceptors=[TokenAuth(conf.auth_token_file)] if conf.auth_token_file else [],
                          options=[("grpc.max_receive_message_length", limit),
                                   ("grpc.max_send_message_length", limit),

@@ -8,11 +8,16 @@ batch's activations stage to stage; the last stage's output returns along the ch
 A stage holds one module per (model, version) it has loaded, and every batch names its
 (model, version): the stages of a replica compute a batch with the same version, whichever
 others they hold. The front end sends the weights (`load`), read once from model.pt there.
+
+A batch the front end gave up on (its RPC timed out) may still be computing: the first stage
+keeps the ids of the batches running through the replica, and `probe` says which still are,
+so that the front end counts them against the replica's in-flight limit until they end.
 """
 
 import logging
 import os
-from typing import Dict, Optional, Tuple
+import threading
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.distributed.rpc as rpc
@@ -22,8 +27,13 @@ from rpc_train.serve.source import ServedModel, build_served
 
 log = logging.getLogger(__name__)
 
+Key = Tuple[str, str]  # (model, version)
+
 # The stages hosted by this process, by (replica, stage), for `infer_on_stage`.
 _LOCAL: Dict[Tuple[int, int], "ServeStage"] = {}
+# The batches running through each replica whose first stage is here, by id.
+_RUNNING: Dict[int, Set[int]] = {}
+_RUNNING_LOCK = threading.Lock()
 
 
 def local_device(device: str) -> torch.device:
@@ -36,7 +46,7 @@ def local_device(device: str) -> torch.device:
 class ServeStage:
     def __init__(self, replica: int, stage: int, next_worker: Optional[str], device: str):
         self.device = local_device(device)
-        self.modules: Dict[Tuple[str, str], nn.Module] = {}  # by (model, version)
+        self.modules: Dict[Key, nn.Module] = {}
         self.key, self.next_worker = (replica, stage), next_worker
         _LOCAL[self.key] = self
         log.info("replica %d stage %d (pid %d) on %s", replica, stage, os.getpid(), self.device)
@@ -44,8 +54,7 @@ class ServeStage:
     def ready(self) -> int:
         return os.getpid()
 
-    def load(self, key: Tuple[str, str], served: ServedModel, state: Dict[str, torch.Tensor],
-             layers: Optional[range]) -> int:
+    def load(self, key: Key, served: ServedModel, state: Dict[str, torch.Tensor], layers: Optional[range]) -> int:
         """Build (model, version) from the front end's weights: `layers` of it (None: all of it,
         `state` its whole state dict; else `state` holds those layers' entries only)."""
         model = build_served(served, state, strict=layers is None)
@@ -55,7 +64,7 @@ class ServeStage:
                  "whole" if layers is None else f"layers {layers.start}-{layers.stop - 1}")
         return os.getpid()
 
-    def unload(self, key: Tuple[str, str]) -> None:
+    def unload(self, key: Key) -> None:
         if self.modules.pop(key, None) is not None:
             log.info("replica %d stage %d: %s version %s unloaded", *self.key, *key)
 
@@ -64,14 +73,35 @@ class ServeStage:
 
 
 @rpc.functions.async_execution
-def infer_on_stage(replica: int, stage: int, key: Tuple[str, str], *inputs: torch.Tensor) -> torch.futures.Future:
+def infer_on_stage(replica: int, stage: int, key: Key, inputs: Tuple[torch.Tensor, ...],
+                   batch_id: Optional[int] = None) -> torch.futures.Future:
     """Run a batch through this stage's module of `key` (model, version), then on through the
     replica's next stage, if any. A first stage takes one tensor per model input.
 
     Tensors cross processes on the CPU: the front end only moves request and reply bytes, and
     a stage on a GPU copies its batch there and back. async_execution frees this RPC thread
-    while the next stage computes.
+    while the next stage computes. `batch_id` (first stage only) is kept in `_RUNNING` until
+    the whole replica has answered it.
     """
+    if batch_id is None:
+        return _through(replica, stage, key, inputs)
+    with _RUNNING_LOCK:
+        _RUNNING.setdefault(replica, set()).add(batch_id)
+
+    def ended(_=None) -> None:
+        with _RUNNING_LOCK:
+            _RUNNING[replica].discard(batch_id)
+
+    try:
+        future = _through(replica, stage, key, inputs)
+    except BaseException:
+        ended()
+        raise
+    future.add_done_callback(ended)
+    return future
+
+
+def _through(replica: int, stage: int, key: Key, inputs: Tuple[torch.Tensor, ...]) -> torch.futures.Future:
     here = _LOCAL[(replica, stage)]
     with torch.no_grad():
         y = here.modules[key](*(x.to(here.device) for x in inputs)).cpu()
@@ -79,9 +109,21 @@ def infer_on_stage(replica: int, stage: int, key: Tuple[str, str], *inputs: torc
         done = torch.futures.Future()
         done.set_result(y)
         return done
-    return rpc.rpc_async(here.next_worker, infer_on_stage, args=(replica, stage + 1, key, y))
+    return rpc.rpc_async(here.next_worker, infer_on_stage, args=(replica, stage + 1, key, (y,)))
 
 
-def answer() -> int:
-    """The probe of a replica out of rotation: any answer means its process serves RPCs again."""
-    return os.getpid()
+@rpc.functions.async_execution
+def probe(replica: int, batch: Optional[Tuple[Key, Tuple[torch.Tensor, ...]]],
+          batch_ids: Sequence[int]) -> torch.futures.Future:
+    """Which of `batch_ids` still run on this replica, after `batch` ((model, version), inputs: a
+    real batch, when given) went through all its stages: a replica whose process answers but
+    whose model is stuck does not."""
+    def still_running(_=None) -> List[int]:
+        with _RUNNING_LOCK:
+            return [i for i in batch_ids if i in _RUNNING.get(replica, ())]
+
+    if batch is None:
+        done = torch.futures.Future()
+        done.set_result(still_running())
+        return done
+    return _through(replica, 0, *batch).then(lambda answered: (answered.wait(), still_running())[1])

@@ -122,8 +122,8 @@ class Rollout:
                 for rref, part in zip(stage_rrefs, layers)])
             warm_up = [torch.zeros(1, *t.dims, dtype=torch.int64 if t.datatype == "INT64" else torch.float32)
                        for t in version.spec.inputs]
-            rpc.rpc_sync(replica.workers[0], infer_on_stage, args=(replica.replica, 0, version.key, *warm_up),
-                         timeout=self.timeout_s)
+            rpc.rpc_sync(replica.workers[0], infer_on_stage,
+                         args=(replica.replica, 0, version.key, tuple(warm_up)), timeout=self.timeout_s)
             loaded = True
         finally:
             self.dispatcher.resume(replica, version.key if loaded else None)

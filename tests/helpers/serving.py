@@ -1,6 +1,7 @@
 """A serving job for the tests: ./launch.sh mode=serve in the background, ready when it says so."""
 
 import functools
+import os
 import signal
 import subprocess
 import time
@@ -74,14 +75,41 @@ class ServingJob:
 
         return int(re.findall(r"\(pid (\d+)\)", self.log(rank))[-1])
 
+    def processes(self) -> List[int]:
+        """The launcher and every process under it (torchrun, the ranks), read from /proc."""
+        found, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    todo += [int(child) for child in (task / "children").read_text().split()]
+                except OSError:  # gone meanwhile
+                    pass
+        return found
+
+    def ready(self) -> bool:
+        """ServerReady, as a load balancer would ask (False when it cannot be asked)."""
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        try:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(self.url))
+            return stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=2).ready
+        except grpc.RpcError:
+            return False
+
     def stop(self, timeout_s: float = 90) -> str:
         """SIGTERM to the launcher, as a user's would be: drain, then every process ends."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
             self.output, _ = self.proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        except subprocess.TimeoutExpired:  # torchrun and the ranks too: each runs in a session of its own
+            for pid in reversed(self.processes()):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self.output, _ = self.proc.communicate()
         return self.output
 

@@ -316,11 +316,18 @@ def test_sigterm_drains_answers_everything_and_exits_0(trained, tmp_path):
     shutil.copytree(trained, found)
     job = ServingJob(None, tmp_path / "run", cwd=tmp_path).wait_ready()
     assert f"serving model 'mlp' from {found}" in job.log()
+    # A pid file left from an earlier front end (a torchrun restart) names a process that is not
+    # the front end: launch.sh must signal only its own torchrun, never what such a file names.
+    decoy = subprocess.Popen(["sleep", "120"])
+    (job.run_dir / "frontend.pid").write_text(f"{decoy.pid}\n")
     with Load(job.url, digits_rows(2), leave_when_draining=True) as load:
         time.sleep(2)
         started = time.monotonic()
         output = job.stop()
+    decoy_alive = decoy.poll() is None
+    decoy.kill()
     assert job.proc.returncode == 0, output[-3000:]
+    assert decoy_alive, "launch.sh signalled the pid a stale frontend.pid named"
     assert time.monotonic() - started < 60
     codes = set(load.codes())
     assert codes == {"OK", "StatusCode.UNAVAILABLE"}, codes  # answered, then refused: none cut

@@ -66,7 +66,7 @@ def fake_replicas(monkeypatch):
     sent = []
 
     def rpc_async(worker, fn, args, timeout):
-        replica, _, key, *inputs = args
+        replica, _, key, inputs, _batch_id = args
         sent.append((replica, key, len(inputs[0])))
         done = torch.futures.Future()
         done.set_result(torch.full((len(inputs[0]), 1), float(key[1])))

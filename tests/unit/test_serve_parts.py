@@ -83,6 +83,24 @@ def test_the_newest_trained_run_is_found_and_a_missing_one_is_a_clear_error(tmp_
         served_model(newest_run(), None)
 
 
+def test_model_pt_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    # Training writes model.pt under a temporary name and renames it: a write that fails half-way
+    # leaves no model.pt for the newest-run search to pick.
+    from rpc_train.driver import save_model
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "outputs" / "2026-01-01" / "00-00-00-abcdef"
+    run.mkdir(parents=True)
+    with pytest.raises(Exception):
+        save_model(str(run), {"w": torch.zeros(1000), "broken": lambda: None})  # a lambda does not pickle
+    assert not (run / "model.pt").exists() and os.listdir(run) == []
+    with pytest.raises(ConfigError, match="no trained run under"):
+        newest_run()
+    save_model(str(run), {"w": torch.ones(3)})
+    assert newest_run() == os.path.join("outputs", "2026-01-01", "00-00-00-abcdef")
+    assert torch.load(run / "model.pt", weights_only=True)["w"].tolist() == [1.0, 1.0, 1.0]
+
+
 def test_a_hybrid_run_is_served_as_a_dlrm_and_refuses_several_stages_in_one_line(tmp_path):
     from omegaconf import OmegaConf
 
@@ -193,3 +211,27 @@ def test_config_and_statistics_documents_parse_into_their_grpc_messages():
     assert (inference.success.count, inference.fail.count, inference.cache_miss.count) == (1, 1, 1)
     assert inference.compute_infer.ns == 2_000_000 and (stats.inference_count, stats.execution_count) == (4, 1)
     assert stats.batch_stats[0].batch_size == 4 and stats.batch_stats[0].compute_infer.count == 1
+
+
+def test_liveness_never_depends_on_a_replica_and_readiness_goes_false_on_a_drain():
+    # Triton #7014: a server whose model cannot serve is still live; only readiness says so.
+    from rpc_train.serve.dispatch import BatchingLimits, Dispatcher, Replica
+    from rpc_train.serve.core import ServingCore
+    from rpc_train.serve.frontend import InferenceService
+    from rpc_train.serve.repository import Repository
+
+    replicas = [Replica(replica=0, workers=["worker1"], in_rotation=False)]
+    dispatcher = Dispatcher(replicas, POLICIES["least_loaded"](), BatchingLimits(4, 1, 0.0, 8, 1.0))
+    core = ServingCore(Repository(keep_versions=2), dispatcher, metrics=None, max_message_mb=1.0)
+    core.loaded = True
+    service = InferenceService(core)
+    try:
+        assert service.ServerLive(None, None).live and not service.ServerReady(None, None).ready
+        replicas[0].in_rotation = True
+        assert service.ServerReady(None, None).ready
+        dispatcher.unready()  # a drain's grace period: not ready, still taking requests
+        assert not service.ServerReady(None, None).ready and service.ServerLive(None, None).live
+        assert dispatcher.submit(("mlp", "1"), (torch.zeros(1, 1, 8, 8),), None) is not None
+    finally:
+        dispatcher.drain(timeout_s=0.1)
+    assert service.ServerLive(None, None).live and not service.ServerReady(None, None).ready
