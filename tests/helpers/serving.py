@@ -202,3 +202,11 @@ class Load:
         self._stop.set()
         for thread in self._threads:
             thread.join(60)
+
+
+def curl(server, path: str, *args: str):
+    """curl on the HTTP door: (HTTP status, body)."""
+    done = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", *args, f"http://{server.http_url}{path}"],
+                          capture_output=True, text=True, timeout=30)
+    body, _, status = done.stdout.rpartition("\n")
+    return int(status), body

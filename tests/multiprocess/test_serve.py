@@ -22,7 +22,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from helpers.events import event_tags, hparams_of, read_scalars
 from helpers.launching import launch, ok
-from helpers.serving import Load, ServingJob, digits_rows, served_reference, triton_input
+from helpers.serving import Load, ServingJob, curl, digits_rows, served_reference, triton_input
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -175,14 +175,6 @@ def test_a_bad_request_gets_a_clear_status_and_the_server_goes_on(server, traine
         answer = client.infer("mlp", [http_input(rows)]).as_numpy("logits")
     assert got == code and needle in details, (got, details)
     np.testing.assert_allclose(answer, served_reference(trained, rows), rtol=0, atol=1e-5)
-
-
-def curl(server, path: str, *args: str):
-    """curl on the HTTP door: (HTTP status, body)."""
-    done = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", *args, f"http://{server.http_url}{path}"],
-                          capture_output=True, text=True, timeout=30)
-    body, _, status = done.stdout.rpartition("\n")
-    return int(status), body
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")

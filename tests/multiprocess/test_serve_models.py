@@ -1,5 +1,6 @@
 """Several versions reloaded while clients call, and a DLRM served with two inputs, end to end."""
 
+import json
 import os
 import shutil
 import threading
@@ -14,7 +15,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from helpers.launching import launch, ok
-from helpers.serving import ServingJob, digits_rows, triton_input
+from helpers.serving import ServingJob, curl, digits_rows, triton_input
 from rpc_train.serve.source import build_served, served_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -95,9 +96,12 @@ def test_three_reloads_under_load_answer_every_request_with_the_version_it_names
             np.testing.assert_allclose(old.as_numpy("logits"), expected["2"], rtol=0, atol=1e-5)
             code, message = failed(lambda: load(job.url, bad))  # a failed load: the error is the reply
             assert code == grpc.StatusCode.INVALID_ARGUMENT and bad in message and "\n" not in message
-            code, message = failed(lambda: load(job.url, str(tmp_path / "nowhere")))
-            assert code == grpc.StatusCode.NOT_FOUND and "nowhere" in message
-            load(job.url, runs["4"])  # reload 3: version 2 is now beyond keep_versions
+            # Reload 3 through the HTTP door (curl), as a missing run's 404 is: version 2 is now beyond keep_versions.
+            status, body = curl(job, "/v2/repository/models/mlp/load", "-d",
+                                json.dumps({"parameters": {"run": str(tmp_path / "nowhere")}}))
+            assert status == 404 and "nowhere" in json.loads(body)["error"], (status, body)
+            assert curl(job, "/v2/repository/models/mlp/load", "-d", json.dumps({"parameters": {"run": runs["4"]}})) \
+                == (200, "")
             time.sleep(1)
         finally:
             stop.set()
@@ -108,8 +112,7 @@ def test_three_reloads_under_load_answer_every_request_with_the_version_it_names
         assert code == grpc.StatusCode.NOT_FOUND and "has no version '2'" in message
         index = {m.version: m.state for m in stub.RepositoryIndex(service_pb2.RepositoryIndexRequest()).models}
         assert index["3"] == index["4"] == "READY" and index["1"] == index["2"] == "UNAVAILABLE", index
-        repository(job.url).RepositoryModelUnload(service_pb2.RepositoryModelUnloadRequest(model_name="mlp"),
-                                                  timeout=60)
+        assert curl(job, "/v2/repository/models/mlp/unload", "-X", "POST") == (200, "")
         with pytest.raises(InferenceServerException, match="was unloaded"):
             caller.infer("mlp", [triton_input(rows)])
     assert not errors, errors[:3]
