@@ -26,6 +26,12 @@ SHARDINGS = ("table", "row")
 LOADERS = ("local", "service")
 ON_SAMPLE_ERROR = ("raise", "skip")
 EMBEDDING_OPTIMS = ("sgd", "rowwise_adagrad")
+# Optimizers (torch.optim class names) whose update, given their state, is the learning rate
+# times a term that depends on neither, and whose state does not depend on it: scaling one
+# step's learning rate by f moves the parameters exactly f as far, which ps.staleness_lr relies
+# on (training/staleness.py). Not Rprop (it adapts its own step sizes after the first) nor ASGD
+# (it folds the learning rate into its state). Both EMBEDDING_OPTIMS qualify.
+STEP_FOLLOWS_LR = ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Adadelta")
 
 
 def num_stages(pipeline, world_size: int) -> int:

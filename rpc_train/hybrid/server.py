@@ -75,13 +75,9 @@ class EmbeddingServer:
             self._stats["rows_looked_up"] += sum(len(ids) for _, ids in requests)
             return LookupReply(self.version, rows)
 
-    def apply(self, trainer: int, context_id: int, version: int) -> torch.futures.Future:
-        """Take trainer `trainer`'s gradients from its autograd context (none if it looked
-        nothing up here, context_id < 0) and apply them, sync or async."""
-        grads = {}
-        if context_id >= 0:
-            found = dist_autograd.get_gradients(context_id)
-            grads = {i: found[w] for i, w in enumerate(self.shard.weights) if w in found}
+    def push(self, trainer: int, version: int, grads: Dict[int, torch.Tensor]) -> torch.futures.Future:
+        """Trainer `trainer`'s sparse gradients by piece, computed on rows of `version` (none if
+        it looked nothing up here): async, applied at once; sync, averaged with the step's others."""
         done = torch.futures.Future()
         if not self.sync:
             with self._lock:
@@ -104,11 +100,10 @@ class EmbeddingServer:
 
     def _step(self, grads: Dict[int, torch.Tensor], staleness: int) -> None:
         grads = {i: g.coalesce() for i, g in grads.items()}
-        # The rule scales the gradients' values in place: a coalesced sparse tensor's are its own.
-        self.rule.prepare({i: g._values() for i, g in grads.items()}, staleness)
         for i, weight in enumerate(self.shard.weights):
             weight.grad = grads.get(i)
-        self.optimizer.step()
+        # A coalesced sparse tensor's values are its own: clipping scales them in place.
+        self.rule.step(self.optimizer, [g._values() for g in grads.values()], staleness)
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
         self._stats["rows_updated"] += sum(g._nnz() for g in grads.values())
@@ -188,4 +183,11 @@ def lookup_rows(server_id: int, requests: List[Tuple[int, torch.Tensor]]) -> Loo
 
 @rpc.functions.async_execution
 def apply_gradients(server_id: int, trainer: int, context_id: int, version: int) -> torch.futures.Future:
-    return _LOCAL_SERVERS[server_id].apply(trainer, context_id, version)
+    """Take trainer `trainer`'s gradients for this server's rows from its autograd context
+    (none if it looked nothing up here: context_id < 0) and apply them."""
+    server = _LOCAL_SERVERS[server_id]
+    grads = {}
+    if context_id >= 0:
+        found = dist_autograd.get_gradients(context_id)
+        grads = {i: found[w] for i, w in enumerate(server.shard.weights) if w in found}
+    return server.push(trainer, version, grads)
