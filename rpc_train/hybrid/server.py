@@ -57,7 +57,7 @@ class EmbeddingServer:
         self.server_id, self.trainers, self.sync, self.rule = server_id, trainers, sync, rule
         self.shard = EmbeddingShard(pieces, model_cfg, seed)
         self.optimizer = build_embedding_optimizer(optim, list(self.shard.weights), lr)
-        self.version = 0
+        self.version = 0  # updates that changed rows
         # Guards the weights, the version and the open round; never held across an RPC or a wait.
         self._lock = threading.Lock()
         self._round: Dict[int, Dict[int, torch.Tensor]] = {}  # sync: trainer -> its gradients, by piece
@@ -81,9 +81,11 @@ class EmbeddingServer:
         done = torch.futures.Future()
         if not self.sync:
             with self._lock:
+                # Only an update that changes rows counts: a trainer that looked nothing up here
+                # neither steps the optimizer nor makes the others' gradients staler.
                 staleness = self.version - version
-                self._max_staleness = max(self._max_staleness, staleness)
-                self._step(grads, staleness)
+                if self._step(grads, staleness):
+                    self._max_staleness = max(self._max_staleness, staleness)
             done.set_result(staleness)
             return done
         with self._lock:
@@ -98,15 +100,20 @@ class EmbeddingServer:
             waiter.set_result(0)
         return done
 
-    def _step(self, grads: Dict[int, torch.Tensor], staleness: int) -> None:
+    def _step(self, grads: Dict[int, torch.Tensor], staleness: int) -> bool:
+        """Apply `grads`; False, and no update, if they name no row."""
         grads = {i: g.coalesce() for i, g in grads.items()}
+        rows = sum(g._nnz() for g in grads.values())
+        if not rows:
+            return False
         for i, weight in enumerate(self.shard.weights):
             weight.grad = grads.get(i)
         # A coalesced sparse tensor's values are its own: clipping scales them in place.
         self.rule.step(self.optimizer, [g._values() for g in grads.values()], staleness)
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
-        self._stats["rows_updated"] += sum(g._nnz() for g in grads.values())
+        self._stats["rows_updated"] += rows
+        return True
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Each piece's rows, by piece name (sharding.Piece.name)."""

@@ -109,6 +109,21 @@ def test_an_async_embedding_server_moves_a_stale_gradients_rows_by_the_fraction_
                                    plain.optimizer.state[plain.shard.weights[0]]["sum"])
 
 
+def test_an_embedding_server_counts_only_updates_that_changed_rows():
+    """A trainer that looked nothing up on a server still tells it so each step; that is no
+    update: the version, the others' staleness and max_staleness stay where they were."""
+    server = _embedding_server("sgd", AsyncUpdateRule(scale_by_staleness=True))
+    server.pop_stats()
+    before = server.shard.weights[0].detach().clone()
+    server.push(1, 0, {}).wait()  # trainer 1 looked nothing up here
+    assert server.version == 0
+    assert torch.equal(server.shard.weights[0], before)
+    assert server.push(0, 0, _rows_gradient(server, [2], 1)).wait() == 0  # fresh, so a full step
+    assert server.version == 1
+    stats = server.pop_stats()
+    assert stats["max_staleness"] == 0 and stats["version"] == 1
+
+
 def test_staleness_lr_with_an_optimizer_whose_step_does_not_follow_its_lr_is_refused_in_one_line():
     rprop = ["optim._target_=torch.optim.Rprop", "~optim.momentum"]
     with pytest.raises(ConfigError, match=r"ps.staleness_lr=true with optim._target_=torch.optim.Rprop: .*SGD, Adam"):
