@@ -16,7 +16,7 @@ import functools
 import os
 import threading
 import time
-from typing import Dict, List, NamedTuple, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed.autograd as dist_autograd
@@ -49,6 +49,9 @@ class EmbeddingShard(nn.Module):
 class LookupReply(NamedTuple):
     version: int  # updates this server has applied; the trainer's gradient is computed at it
     rows: List[torch.Tensor]  # one (ids, dim) tensor per request, in request order
+    # (trainer, staleness) of the update that made these rows, trainer None for a sync step's
+    # average; None before any update.
+    made_by: Optional[Tuple[Optional[int], int]] = None
 
 
 class EmbeddingServer:
@@ -58,6 +61,7 @@ class EmbeddingServer:
         self.shard = EmbeddingShard(pieces, model_cfg, seed)
         self.optimizer = build_embedding_optimizer(optim, list(self.shard.weights), lr)
         self.version = 0  # updates that changed rows
+        self.made_by: Optional[Tuple[Optional[int], int]] = None  # see LookupReply
         # Guards the weights, the version and the open round; never held across an RPC or a wait.
         self._lock = threading.Lock()
         self._round: Dict[int, Dict[int, torch.Tensor]] = {}  # sync: trainer -> its gradients, by piece
@@ -73,7 +77,7 @@ class EmbeddingServer:
             rows = [F.embedding(ids, self.shard.weights[index], sparse=True) for index, ids in requests]
             self._stats["lookups"] += 1
             self._stats["rows_looked_up"] += sum(len(ids) for _, ids in requests)
-            return LookupReply(self.version, rows)
+            return LookupReply(self.version, rows, self.made_by)
 
     def push(self, trainer: int, version: int, grads: Dict[int, torch.Tensor]) -> torch.futures.Future:
         """Trainer `trainer`'s sparse gradients by piece, computed on rows of `version` (none if
@@ -84,7 +88,7 @@ class EmbeddingServer:
                 # Only an update that changes rows counts: a trainer that looked nothing up here
                 # neither steps the optimizer nor makes the others' gradients staler.
                 staleness = self.version - version
-                if self._step(grads, staleness):
+                if self._step(grads, trainer, staleness):
                     self._max_staleness = max(self._max_staleness, staleness)
             done.set_result(staleness)
             return done
@@ -95,13 +99,13 @@ class EmbeddingServer:
                 return done
             arrived, waiting = [self._round[t] for t in sorted(self._round)], self._waiting
             self._round, self._waiting = {}, []
-            self._step(_mean(arrived, self.trainers), 0)
+            self._step(_mean(arrived, self.trainers), None, 0)
         for waiter in waiting:  # completing a future sends its reply: outside the lock
             waiter.set_result(0)
         return done
 
-    def _step(self, grads: Dict[int, torch.Tensor], staleness: int) -> bool:
-        """Apply `grads`; False, and no update, if they name no row."""
+    def _step(self, grads: Dict[int, torch.Tensor], trainer: Optional[int], staleness: int) -> bool:
+        """Apply `grads` (trainer None: a sync step's average); False, and no update, if they name no row."""
         grads = {i: g.coalesce() for i, g in grads.items()}
         rows = sum(g._nnz() for g in grads.values())
         if not rows:
@@ -112,6 +116,7 @@ class EmbeddingServer:
         self.rule.step(self.optimizer, [g._values() for g in grads.values()], staleness)
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
+        self.made_by = (trainer, staleness)
         self._stats["rows_updated"] += rows
         return True
 

@@ -116,10 +116,10 @@ def test_an_embedding_server_counts_only_updates_that_changed_rows():
     server.pop_stats()
     before = server.shard.weights[0].detach().clone()
     server.push(1, 0, {}).wait()  # trainer 1 looked nothing up here
-    assert server.version == 0
+    assert server.version == 0 and server.made_by is None
     assert torch.equal(server.shard.weights[0], before)
     assert server.push(0, 0, _rows_gradient(server, [2], 1)).wait() == 0  # fresh, so a full step
-    assert server.version == 1
+    assert server.version == 1 and server.made_by == (0, 0)
     stats = server.pop_stats()
     assert stats["max_staleness"] == 0 and stats["version"] == 1
 
