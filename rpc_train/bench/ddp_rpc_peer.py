@@ -130,4 +130,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TP_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     main()

@@ -64,7 +64,7 @@ class RuntimeConf:
     num_worker_threads: int = 16
     # torch intra-op threads per process; 0 shares the machine's cores among the local ranks.
     threads: int = 0
-    # Network interface TensorPipe listens on (multi-node); null: loopback for one machine.
+    # Network interface TensorPipe and gloo listen on (multi-node); null: loopback for one machine.
     interface: Optional[str] = None
     # TensorPipe transports. "uv" (TCP) by default: the shared-memory "shm" transport busy-polls,
     # which costs an idle process a share of a core (docs/benchmarks.md) and sped no step up.
