@@ -66,6 +66,9 @@ class RuntimeConf:
     threads: int = 0
     # Network interface TensorPipe and gloo listen on (multi-node); null: loopback for one machine.
     interface: Optional[str] = None
+    # Let runtime.interface have a public address (neither loopback nor a private range). RPC runs
+    # whatever pickle reaches its port: only behind a firewall that admits the job's machines alone.
+    allow_public_interface: bool = False
     # TensorPipe transports. "uv" (TCP) by default: the shared-memory "shm" transport busy-polls,
     # which costs an idle process a share of a core (docs/benchmarks.md) and sped no step up.
     transports: List[str] = field(default_factory=lambda: ["uv"])
