@@ -101,8 +101,13 @@ class ListenWatch:
         """What the job listens on beyond loopback, torchrun's stores apart: the agent's
         rendezvous store, and the TCPStore rank 0 hosts on the MASTER_PORT torchrun hands out
         (both listen on every interface, whatever they are asked: torch has no setting)."""
-        return sorted((cmd, host, port) for cmd, host, port, store in self.seen
-                      if not store and not ipaddress.ip_address(host).is_loopback)
+        return sorted((cmd, host, port) for cmd, host, port, store in self.seen if not store and not _loopback(host))
+
+
+def _loopback(host: str) -> bool:
+    ip = ipaddress.ip_address(host)
+    # gRPC binds 127.0.0.1 as the IPv4-mapped ::ffff:127.0.0.1, which Python 3.11 does not call loopback.
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
 
 def network_address() -> Optional[str]:
