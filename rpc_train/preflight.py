@@ -16,12 +16,14 @@ from rpc_train.config.compose import compose, one_line
 from rpc_train.config.errors import ConfigError
 from rpc_train.config.validate import validate
 from rpc_train.data.files import check_available
+from rpc_train.runtime.interface import check_interface
 
 
 def check(overrides: List[str], world_size: int) -> None:
     cfg = compose(overrides)
     validate(cfg, world_size)
     check_available(cfg.data)
+    check_interface(cfg.runtime.interface, cfg.runtime.allow_public_interface)
     if cfg.loader.transform is not None or cfg.loader.val_transform is not None:
         from rpc_train.loader.transforms import build_transform  # imports torchvision: only when a transform is set
 

@@ -40,6 +40,7 @@ def train(cfg: DictConfig) -> Optional[dict]:
     """Run one job on this rank; the driver returns the final metrics, workers None."""
     # Imported here so `--help` and `--cfg job` answer without loading torch.
     from rpc_train.runtime.devices import check_device
+    from rpc_train.runtime.interface import check_interface
     from rpc_train.runtime.roles import stage_device_maps
     from rpc_train.runtime.session import rpc_session
     from rpc_train.runtime.world import World, configure_process
@@ -51,6 +52,7 @@ def train(cfg: DictConfig) -> Optional[dict]:
         hold_signals(front_end=world.is_driver)
     validate(cfg, world.size)
     check_device(cfg.device)  # on every rank, before the device maps are built from the GPU count
+    check_interface(cfg.runtime.interface, cfg.runtime.allow_public_interface)  # each machine its own
     configure_process(cfg.runtime, world)
     # The DDP group outside the RPC session: a worker's body returns at once and waits in the
     # session's shutdown while the driver still trains through it, so the group must outlive that.

@@ -9,10 +9,11 @@ the tables placed on the servers as mode=hybrid's `table` sharding places them, 
 with the job's settings. Run by `python -m rpc_train.bench.hybrid` under torchrun:
 
     python -m torch.distributed.run --standalone --nproc-per-node N -m rpc_train.bench.ddp_rpc_peer \\
-        --servers S --steps K --out rate.json
+        --servers S --steps K --log-every W --out rate.json
 
-Rank 0 builds the remote modules and starts the trainers; each trainer times its steps after
-a warm-up; rank 0 writes the trainers' summed samples/s.
+Rank 0 builds the remote modules and starts the trainers; each trainer times its steps; rank 0
+writes the rate a hybrid job would log for those steps (`windowed_rate`): so the bench compares
+the two by one estimator.
 """
 
 import argparse
@@ -43,7 +44,6 @@ from rpc_train.hybrid.model import DenseArch, build_dlrm
 from rpc_train.hybrid.sharding import plan
 from rpc_train.runtime.world import World, configure_threads, worker_name
 
-WARMUP = 5
 _TRAINERS = None  # the trainers' process group, made on every rank in main()
 
 
@@ -60,8 +60,22 @@ class Tables(nn.Module):
         return torch.stack([bag(sparse[:, i : i + 1]) for i, bag in enumerate(self.bags)], dim=1)
 
 
-def train(remotes: list, tables: List[List[int]], trainer: int, trainers: int, cfg_yaml: str, steps: int) -> float:
-    """One trainer: the pattern's loop; its samples/s over the steps after the warm-up."""
+def windowed_rate(step_seconds: List[List[float]], log_every: int, batch_size: int) -> float:
+    """Samples/s as a hybrid job logs it (hybrid/driver.py log_windows) and bench.launched reads
+    it: per window of `log_every` steps, every trainer's samples over the slowest trainer's time
+    in it; the mean of the windows after the first (start-up) one. `step_seconds`: per trainer."""
+    steps = min(len(s) for s in step_seconds)
+    windows = []
+    for start in range(0, steps, log_every):
+        taken = min(log_every, steps - start)
+        seconds = max(sum(s[start : start + taken]) for s in step_seconds)
+        windows.append(len(step_seconds) * batch_size * taken / max(seconds, 1e-9))
+    return statistics.mean(windows[1:] or windows)
+
+
+def train(remotes: list, tables: List[List[int]], trainer: int, trainers: int, cfg_yaml: str,
+          steps: int) -> List[float]:
+    """One trainer: the pattern's loop; the seconds of each step."""
     cfg = OmegaConf.create(cfg_yaml)
     model = build_dlrm(as_dict(cfg.model), cfg.seed)
     dense = DistributedDataParallel(DenseArch(model), process_group=_TRAINERS)
@@ -73,7 +87,7 @@ def train(remotes: list, tables: List[List[int]], trainer: int, trainers: int, c
     train_set, _ = load_clicks(cfg.data, cfg.seed)
     loader = make_trainer_loader(train_set, cfg.trainer.batch_size, trainer, trainers, cfg.seed)
     times, batches = [], iter(loader)
-    for step in range(WARMUP + steps):
+    for step in range(steps):
         try:
             x, sparse, y = next(batches)
         except StopIteration:
@@ -90,15 +104,15 @@ def train(remotes: list, tables: List[List[int]], trainer: int, trainers: int, c
             loss = F.binary_cross_entropy_with_logits(dense(x, pooled), y)
             dist_autograd.backward(context_id, [loss])
             optimizer.step(context_id)
-        if step >= WARMUP:
-            times.append(time.perf_counter() - started)
-    return cfg.trainer.batch_size / statistics.median(times)
+        times.append(time.perf_counter() - started)
+    return times
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--servers", type=int, default=1)
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--log-every", type=int, default=10, help="steps a throughput window, as trainer.log_every")
     p.add_argument("--override", action="append", default=[])
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -121,7 +135,7 @@ def main() -> None:
         yaml = OmegaConf.to_yaml(cfg, resolve=True)
         futures = [rpc.rpc_async(worker_name(r), train, args=(remotes, held, i, trainers, yaml, args.steps), timeout=0)
                    for i, r in enumerate(ranks)]
-        rate = sum(f.wait() for f in futures)
+        rate = windowed_rate([f.wait() for f in futures], args.log_every, cfg.trainer.batch_size)
         with open(args.out, "w") as f:
             json.dump({"samples_per_s": rate}, f)
     rpc.shutdown()
@@ -130,4 +144,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TP_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     main()

@@ -26,6 +26,12 @@ SHARDINGS = ("table", "row")
 LOADERS = ("local", "service")
 ON_SAMPLE_ERROR = ("raise", "skip")
 EMBEDDING_OPTIMS = ("sgd", "rowwise_adagrad")
+# Optimizers (torch.optim class names) whose update, given their state, is the learning rate
+# times a term that depends on neither, and whose state does not depend on it: scaling one
+# step's learning rate by f moves the parameters exactly f as far, which ps.staleness_lr relies
+# on (training/staleness.py). Not Rprop (it adapts its own step sizes after the first) nor ASGD
+# (it folds the learning rate into its state). Both EMBEDDING_OPTIMS qualify.
+STEP_FOLLOWS_LR = ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "Adadelta")
 
 
 def num_stages(pipeline, world_size: int) -> int:
@@ -58,8 +64,11 @@ class RuntimeConf:
     num_worker_threads: int = 16
     # torch intra-op threads per process; 0 shares the machine's cores among the local ranks.
     threads: int = 0
-    # Network interface TensorPipe listens on (multi-node); null: loopback for one machine.
+    # Network interface TensorPipe and gloo listen on (multi-node); null: loopback for one machine.
     interface: Optional[str] = None
+    # Let runtime.interface have a public address (neither loopback nor a private range). RPC runs
+    # whatever pickle reaches its port: only behind a firewall that admits the job's machines alone.
+    allow_public_interface: bool = False
     # TensorPipe transports. "uv" (TCP) by default: the shared-memory "shm" transport busy-polls,
     # which costs an idle process a share of a core (docs/benchmarks.md) and sped no step up.
     transports: List[str] = field(default_factory=lambda: ["uv"])

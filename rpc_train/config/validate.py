@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from rpc_train.config.errors import ConfigError
 from rpc_train.config.schema import (BALANCE_HELP, BALANCE_STRATEGIES, DEVICES, EMBEDDING_OPTIMS, LOSS_NAMES, MODES,
-                                     ROUTINGS, SCHEDULES, SHARDINGS, LOADERS, ON_SAMPLE_ERROR,
+                                     ROUTINGS, SCHEDULES, SHARDINGS, LOADERS, ON_SAMPLE_ERROR, STEP_FOLLOWS_LR,
                                      mode_world_size, num_stages)
 from rpc_train.data.files import CLICK_DATASETS
 
@@ -173,6 +173,12 @@ def _ps_problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
                f"need NPROC >= ps.servers + 2 = {ps.servers + 2} (driver, servers, a trainer){fewer}")
     if ps.clip_grad_norm is not None and not ps.clip_grad_norm > 0:
         yield f"ps.clip_grad_norm={ps.clip_grad_norm}: must be a positive norm, or null for no clipping"
+    if ps.staleness_lr and not ps.sync:
+        target = str(cfg.optim.get("_target_"))
+        if target.rsplit(".", 1)[-1] not in STEP_FOLLOWS_LR:
+            yield (f"ps.staleness_lr=true with optim._target_={target}: a stale gradient's step is scaled through "
+                   f"the learning rate, which this optimizer's step does not follow; use one of torch.optim's "
+                   f"{', '.join(STEP_FOLLOWS_LR)}, or ps.staleness_lr=false")
     if ps.max_staleness is None or ps.max_staleness < 0:
         yield f"ps.max_staleness={ps.max_staleness}: must be 0 or more (updates a gradient may lag)"
     elif not ps.sync and ps.max_staleness == 0 and world_size - 1 - ps.servers > 1:

@@ -16,7 +16,7 @@ import functools
 import os
 import threading
 import time
-from typing import Dict, List, NamedTuple, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed.autograd as dist_autograd
@@ -49,6 +49,9 @@ class EmbeddingShard(nn.Module):
 class LookupReply(NamedTuple):
     version: int  # updates this server has applied; the trainer's gradient is computed at it
     rows: List[torch.Tensor]  # one (ids, dim) tensor per request, in request order
+    # (trainer, staleness) of the update that made these rows, trainer None for a sync step's
+    # average; None before any update.
+    made_by: Optional[Tuple[Optional[int], int]] = None
 
 
 class EmbeddingServer:
@@ -57,7 +60,8 @@ class EmbeddingServer:
         self.server_id, self.trainers, self.sync, self.rule = server_id, trainers, sync, rule
         self.shard = EmbeddingShard(pieces, model_cfg, seed)
         self.optimizer = build_embedding_optimizer(optim, list(self.shard.weights), lr)
-        self.version = 0
+        self.version = 0  # updates that changed rows
+        self.made_by: Optional[Tuple[Optional[int], int]] = None  # see LookupReply
         # Guards the weights, the version and the open round; never held across an RPC or a wait.
         self._lock = threading.Lock()
         self._round: Dict[int, Dict[int, torch.Tensor]] = {}  # sync: trainer -> its gradients, by piece
@@ -73,21 +77,19 @@ class EmbeddingServer:
             rows = [F.embedding(ids, self.shard.weights[index], sparse=True) for index, ids in requests]
             self._stats["lookups"] += 1
             self._stats["rows_looked_up"] += sum(len(ids) for _, ids in requests)
-            return LookupReply(self.version, rows)
+            return LookupReply(self.version, rows, self.made_by)
 
-    def apply(self, trainer: int, context_id: int, version: int) -> torch.futures.Future:
-        """Take trainer `trainer`'s gradients from its autograd context (none if it looked
-        nothing up here, context_id < 0) and apply them, sync or async."""
-        grads = {}
-        if context_id >= 0:
-            found = dist_autograd.get_gradients(context_id)
-            grads = {i: found[w] for i, w in enumerate(self.shard.weights) if w in found}
+    def push(self, trainer: int, version: int, grads: Dict[int, torch.Tensor]) -> torch.futures.Future:
+        """Trainer `trainer`'s sparse gradients by piece, computed on rows of `version` (none if
+        it looked nothing up here): async, applied at once; sync, averaged with the step's others."""
         done = torch.futures.Future()
         if not self.sync:
             with self._lock:
+                # Only an update that changes rows counts: a trainer that looked nothing up here
+                # neither steps the optimizer nor makes the others' gradients staler.
                 staleness = self.version - version
-                self._max_staleness = max(self._max_staleness, staleness)
-                self._step(grads, staleness)
+                if self._step(grads, trainer, staleness):
+                    self._max_staleness = max(self._max_staleness, staleness)
             done.set_result(staleness)
             return done
         with self._lock:
@@ -97,21 +99,26 @@ class EmbeddingServer:
                 return done
             arrived, waiting = [self._round[t] for t in sorted(self._round)], self._waiting
             self._round, self._waiting = {}, []
-            self._step(_mean(arrived, self.trainers), 0)
+            self._step(_mean(arrived, self.trainers), None, 0)
         for waiter in waiting:  # completing a future sends its reply: outside the lock
             waiter.set_result(0)
         return done
 
-    def _step(self, grads: Dict[int, torch.Tensor], staleness: int) -> None:
+    def _step(self, grads: Dict[int, torch.Tensor], trainer: Optional[int], staleness: int) -> bool:
+        """Apply `grads` (trainer None: a sync step's average); False, and no update, if they name no row."""
         grads = {i: g.coalesce() for i, g in grads.items()}
-        # The rule scales the gradients' values in place: a coalesced sparse tensor's are its own.
-        self.rule.prepare({i: g._values() for i, g in grads.items()}, staleness)
+        rows = sum(g._nnz() for g in grads.values())
+        if not rows:
+            return False
         for i, weight in enumerate(self.shard.weights):
             weight.grad = grads.get(i)
-        self.optimizer.step()
+        # A coalesced sparse tensor's values are its own: clipping scales them in place.
+        self.rule.step(self.optimizer, [g._values() for g in grads.values()], staleness)
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
-        self._stats["rows_updated"] += sum(g._nnz() for g in grads.values())
+        self.made_by = (trainer, staleness)
+        self._stats["rows_updated"] += rows
+        return True
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """Each piece's rows, by piece name (sharding.Piece.name)."""
@@ -188,4 +195,11 @@ def lookup_rows(server_id: int, requests: List[Tuple[int, torch.Tensor]]) -> Loo
 
 @rpc.functions.async_execution
 def apply_gradients(server_id: int, trainer: int, context_id: int, version: int) -> torch.futures.Future:
-    return _LOCAL_SERVERS[server_id].apply(trainer, context_id, version)
+    """Take trainer `trainer`'s gradients for this server's rows from its autograd context
+    (none if it looked nothing up here: context_id < 0) and apply them."""
+    server = _LOCAL_SERVERS[server_id]
+    grads = {}
+    if context_id >= 0:
+        found = dist_autograd.get_gradients(context_id)
+        grads = {i: found[w] for i, w in enumerate(server.shard.weights) if w in found}
+    return server.push(trainer, version, grads)

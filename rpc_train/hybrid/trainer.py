@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed.autograd as dist_autograd
@@ -63,6 +63,7 @@ class HybridTrainer:
         self.step = 0
         self.last_loss: Optional[float] = None  # the latest step's, for the driver's progress line
         self._versions = [0] * len(servers)
+        self._made_by: Dict[int, tuple] = {}  # server -> the update that made the rows it last sent (LookupReply)
         self._step_hook = instantiate(step_hook) if step_hook else None
         self.order = DataOrder(self.loader)
         self.doing = "data loading"  # what the training thread does now (whereabouts)
@@ -108,8 +109,9 @@ class HybridTrainer:
             loss = F.binary_cross_entropy_with_logits(logits, labels.to(self.device))
             value = loss.item()
             if not math.isfinite(value):
+                culprit = last_update(self._made_by, asked, self.step)
                 raise FloatingPointError(f"non-finite loss ({value}) at step {self.step + 1} of hybrid trainer "
-                                         f"{self.trainer_id}; lower optim.lr or hybrid.embedding_lr")
+                                         f"{self.trainer_id}{culprit}; lower optim.lr or hybrid.embedding_lr")
             self.doing = WAITING_FOR_PEERS
             dist_autograd.backward(context_id, [loss])
             self.doing = "its optimizer step"
@@ -152,6 +154,7 @@ class HybridTrainer:
                                         for j, batch in requests.items()})
         for j, reply in replies.items():
             self._versions[j] = reply.version
+            self._made_by[j] = reply.made_by
         rows = [torch.cat([replies[j].rows[k] for j, k in parts]) for parts in places]
         return rows, inverse, set(requests)
 
@@ -189,6 +192,17 @@ class HybridTrainer:
 
     def dense_state(self) -> Dict[str, torch.Tensor]:
         return {k: v.cpu() for k, v in self.dense.plain_state_dict().items()}
+
+
+def last_update(made_by: Dict[int, Optional[tuple]], servers: Set[int], step: int) -> str:
+    """Which gradient last changed the parameters of a step after `step` steps, as the parameter
+    server's error names it: async, the stalest update of the rows from `servers`; sync, every
+    trainer's gradient of the last step (the dense part's, under DDP, always is)."""
+    made = [(m[1], m[0], j) for j, m in made_by.items() if j in servers and m is not None and m[0] is not None]
+    if made:
+        staleness, trainer, server = max(made)
+        return f", on rows last updated by trainer {trainer}'s gradient of staleness {staleness} (embedding server {server})"
+    return f", on parameters last updated by step {step}'s gradient (every trainer's, averaged)" if step else ""
 
 
 def local_device(device: str) -> torch.device:

@@ -39,7 +39,7 @@ def run_trainers(job, steps: int, rpc_timeout_s: float, progress: Optional[Progr
                 pending.discard(i)
                 try:
                     futures[i].wait()
-                except RuntimeError as err:
+                except Exception as err:  # rpc_async's remote errors are RuntimeErrors; any other type too
                     raise RunFailure(failure(job, i, err, pending)) from err
         now = time.monotonic()
         if now >= next_poll:

@@ -38,7 +38,7 @@ class ParameterServer:
     def __init__(self, server_id: int, names: List[str], model_cfg: dict, optim_cfg: dict,
                  scheduler_cfg: Optional[dict], seed: int, trainers: int, sync: bool,
                  max_staleness: int, rule: AsyncUpdateRule = AsyncUpdateRule()):
-        """`rule`: how each gradient is clipped and, in async mode, scaled by its staleness."""
+        """`rule`: how each gradient is clipped and, in async mode, its step scaled by its staleness."""
         # Built from the same config and seed as every trainer's copy: identical initial values.
         state = build_model(model_cfg, seed).state_dict(keep_vars=True)
         self.params = {n: state[n] for n in names if isinstance(state[n], nn.Parameter)}
@@ -100,11 +100,10 @@ class ParameterServer:
             return self._reply(True, staleness)
 
     def _apply(self, grads: Tensors, buffers: Tensors, trainer: int, staleness: int) -> None:
-        self.rule.prepare(grads, staleness)
         for name, param in self.params.items():
             param.grad = grads[name]
         if self.optimizer is not None:
-            self.optimizer.step()
+            self.rule.step(self.optimizer, [grads[name] for name in self.params], staleness)
             self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()

@@ -38,28 +38,16 @@ def backend_options(runtime: RuntimeConf, device_maps: Optional[Dict[str, Dict[s
     return options
 
 
-def set_listen_interface(runtime: RuntimeConf, world: World) -> None:
-    """TensorPipe listens on loopback for one machine, on the named interface otherwise.
-
-    RPC messages are unauthenticated pickles: they must never be reachable from outside the
-    job's machines (see README, "Security").
-    """
-    if runtime.interface:
-        os.environ["TP_SOCKET_IFNAME"] = runtime.interface
-    elif world.local_size == world.size:
-        os.environ.setdefault("TP_SOCKET_IFNAME", "lo")
-
-
 @contextmanager
 def rpc_session(runtime: RuntimeConf, world: World, device_maps=None) -> Iterator[None]:
-    """init_rpc on entry; a graceful shutdown on success.
+    """init_rpc on entry (after world.configure_process, which names the interface to listen on);
+    a graceful shutdown on success.
 
     On an exception the driver stops every worker first (see `abort_workers`) and shuts down
     without waiting, so one failing rank ends the whole job instead of leaving the others
     blocked in shutdown.
     """
     _quiet_torch_internals()
-    set_listen_interface(runtime, world)
     rpc.init_rpc(world.name, rank=world.rank, world_size=world.size,
                  rpc_backend_options=backend_options(runtime, device_maps))
     workers = [worker_name(r) for r in range(1, world.size)]

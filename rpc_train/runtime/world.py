@@ -12,6 +12,7 @@ import torch
 
 from rpc_train.config.schema import RuntimeConf
 from rpc_train.runtime.allocator import configure_allocator
+from rpc_train.runtime.interface import set_listen_interface
 
 DRIVER = "driver"
 
@@ -56,8 +57,10 @@ def usable_cores() -> int:
 
 
 def configure_process(runtime: RuntimeConf, world: World) -> int:
-    """Threads and allocator for this rank, before it builds anything; returns the thread count."""
+    """Threads, allocator and listening interface for this rank, before it builds anything (the
+    hybrid mode's DDP group and the RPC world); returns the thread count."""
     configure_allocator(runtime)
+    set_listen_interface(runtime.interface, one_machine=world.local_size == world.size)
     return configure_threads(runtime, world)
 
 

@@ -102,6 +102,21 @@ def test_a_raising_trainer_fails_the_job_naming_it(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_non_finite_loss_is_one_line_naming_the_trainer_and_the_gradient_that_made_it(tmp_path):
+    # Trainer 1's backward at step 3 is poisoned: step 3's update, every trainer's gradient
+    # averaged (sync), sends NaN into the dense part and the rows, and step 4's loss is NaN.
+    hook = "hybrid.step_hook={_target_:helpers.faults.NanGradientAt,trainer:1,step:3}"
+    result = launch([*SHORT, hook], tmp_path / "run", NPROC="4")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert re.fullmatch(r"error: worker(2|3) \(hybrid trainer (0|1)\) failed: FloatingPointError: non-finite loss "
+                        r"\(nan\) at step 4 of hybrid trainer \2, on parameters last updated by step 3's gradient "
+                        r"\(every trainer's, averaged\); lower optim.lr or hybrid.embedding_lr", errors[0]), errors
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_stopped_embedding_server_fails_the_job_within_the_rpc_timeout_naming_it(tmp_path, job_factory):
     run = tmp_path / "run"

@@ -75,3 +75,46 @@ def test_device_cuda_needs_a_gpu_per_trainer_on_each_machine():
         pytest.skip("this machine has GPUs enough for two trainers")
     with pytest.raises(ConfigError, match=r"runs 2 trainers on this machine but it has \d GPU\(s\), and NCCL"):
         check_gpus("cuda", first_trainer=2, rank=0, world_size=4, local_size=4)
+
+
+class _FailingTrainer:
+    """An RRef-like trainer whose run_epoch answers with `error`, as a remote call re-raises it."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def rpc_async(self, timeout=None):
+        return self
+
+    def run_epoch(self, steps, epoch):
+        future = torch.futures.Future()
+        future.set_exception(self.error)
+        return future
+
+
+@pytest.mark.parametrize("error", [FloatingPointError("non-finite loss (nan) at step 4 of hybrid trainer 0"),
+                                   ValueError("bad value")], ids=["FloatingPointError", "ValueError"])
+def test_the_watch_turns_any_trainer_error_into_one_line_naming_the_trainer(error):
+    # rpc_async hands a remote error back as a RuntimeError naming the original type, but a
+    # future may fail with any type (rpc_sync re-raises the original): none escapes as a traceback.
+    from types import SimpleNamespace
+
+    from rpc_train.config.errors import RunFailure
+    from rpc_train.hybrid.watch import run_trainers
+
+    job = SimpleNamespace(trainers=[_FailingTrainer(error)], roles=SimpleNamespace(trainers=["worker2"]))
+    with pytest.raises(RunFailure) as failed:
+        run_trainers(job, steps=5, rpc_timeout_s=5)
+    assert str(failed.value) == f"worker2 (hybrid trainer 0) failed: {error}"
+
+
+def test_a_non_finite_loss_names_the_gradient_that_last_changed_its_parameters():
+    from rpc_train.hybrid.trainer import last_update
+
+    # Async: the stalest update among the servers the step looked rows up on.
+    made_by = {0: (1, 2), 1: (0, 3), 2: (1, 5)}
+    assert last_update(made_by, {0, 1}, 7) == (", on rows last updated by trainer 0's gradient of staleness 3 "
+                                               "(embedding server 1)")
+    # Sync (every update an average, trainer None), or no row update yet.
+    assert last_update({0: (None, 0)}, {0}, 3) == ", on parameters last updated by step 3's gradient (every trainer's, averaged)"
+    assert last_update({0: None}, {0}, 0) == ""
