@@ -355,6 +355,9 @@ class Config:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
-    # data=text's default root, `${python_stdlib:}`: the running Python's standard library,
-    # shown resolved in the logged config.
-    OmegaConf.register_new_resolver("python_stdlib", lambda: sysconfig.get_paths()["stdlib"], replace=True)
+
+
+# data=text's default root, `${python_stdlib:}`: the running Python's standard library, shown
+# resolved in the logged config. Registered on import, not in register_configs: a config sent
+# unresolved to another process (the benchmarks' local worlds) resolves there too.
+OmegaConf.register_new_resolver("python_stdlib", lambda: sysconfig.get_paths()["stdlib"], replace=True)
