@@ -23,6 +23,7 @@ from torch import nn
 
 from rpc_train.training.builders import build_model
 from rpc_train.config.schema import as_dict
+from rpc_train.data.datasets import example_inputs
 from rpc_train.runtime.devices import own_device
 from rpc_train.pipeline.partition import plan_stages, run_as_stage, stage_bounds
 
@@ -64,7 +65,7 @@ def plan_splits(cfg: DictConfig, k: int, micro_batches: Sequence[int]) -> Dict[i
     layers = list(build_model(as_dict(cfg.model), cfg.seed))
     device = own_device(cfg.device)
     return {m: plan_stages(layers, k, cfg.pipeline.balance,
-                           torch.randn(max(1, cfg.trainer.batch_size // m), *cfg.data.shape, device=device))
+                           example_inputs(cfg.data, max(1, cfg.trainer.batch_size // m), device))
             for m in micro_batches}
 
 
@@ -73,7 +74,7 @@ def measure_splits(cfg: DictConfig, plans: Dict[int, List[int]], repeats: int = 
     measured back to back: the bound is their ratio, so a machine that is slower for a while
     slows both alike."""
     layers = list(build_model(as_dict(cfg.model), cfg.seed))
-    batch = torch.randn(cfg.trainer.batch_size, *cfg.data.shape)
+    batch = example_inputs(cfg.data, cfg.trainer.batch_size)
     whole_s = stage_costs(layers, [len(layers)], batch, repeats)[0]
     by_m = {m: (counts, stage_costs(layers, counts, batch[:max(1, cfg.trainer.batch_size // m)], repeats))
             for m, counts in plans.items()}

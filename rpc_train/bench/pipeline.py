@@ -43,7 +43,7 @@ TAIL = [("vs_peer", "vs peer"), ("pipeline_efficiency", "efficiency"), ("gpipe_b
 def parse_args(argv: List[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m rpc_train.bench.pipeline", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="convnet", help="a conf/model option")
-    p.add_argument("--data", default="synthetic", help="a conf/data option")
+    p.add_argument("--data", help="a conf/data option (default: synthetic, or text for --model gpt)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: the baseline is one GPU and each rank runs on cuda:(rank mod #gpus)")
@@ -57,6 +57,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--csv", help="also write the rows to this CSV file")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds the pipeline world may run")
     args = p.parse_args(argv)
+    args.data = args.data or ("text" if args.model == "gpt" else "synthetic")
     args.micro_batches = [int(m) for m in args.micro_batches.split(",") if m.strip()]
     args.schedules = [name for name in args.schedules.split(",") if name.strip()]
     if args.steps < 1 or args.warmup < 0 or args.stages < 1 or not args.micro_batches:

@@ -6,6 +6,7 @@ process starts RPC. `model` and `optim` stay free-form: they are `_target_` dict
 `hydra.utils.instantiate`, and their keys belong to the class they name.
 """
 
+import sysconfig
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -255,6 +256,17 @@ class ModeConf:
 
 
 @dataclass
+class TextSampleConf:
+    """data=text: the text the driver generates from the model at each validation."""
+
+    prompt: str = "def "
+    # Bytes generated after the prompt.
+    length: int = 200
+    # Sampling temperature; 0: greedy (the likeliest byte each time).
+    temperature: float = 0.8
+
+
+@dataclass
 class DataConf:
     name: str = MISSING
     # Directory holding the torchvision datasets' files (~ is expanded).
@@ -280,6 +292,13 @@ class DataConf:
     # (rpc_train/loader/transforms.py), built on whichever process decodes them; null: none.
     train_transform: Any = None
     val_transform: Any = None
+    # data=text: the files under `root` matching `glob`, less those in a folder named in
+    # `exclude`; `val_limit` evenly spaced validation windows are kept (null: all).
+    glob: str = "**/*"
+    exclude: List[str] = field(default_factory=list)
+    val_limit: Optional[int] = None
+    # data=text: a sample of the model's text at each validation (metrics/text.py); null: none.
+    sample: Optional[TextSampleConf] = None
 
 
 @dataclass
@@ -290,6 +309,8 @@ class TrainerConf:
     batch_size: int = 64
     # Log training scalars every N steps (validation runs at the end of each epoch).
     log_every: int = 10
+    # Also validate every N steps (mode=pipeline); 0: at the end of each epoch only.
+    val_every: int = 0
     # Show progress: a bar on a terminal, a line every log.progress_s seconds elsewhere.
     progress: bool = True
     # Write the trained model as a plain state_dict (model.pt) in the run dir.
@@ -346,3 +367,9 @@ class Config:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
+
+
+# data=text's default root, `${python_stdlib:}`: the running Python's standard library, shown
+# resolved in the logged config. Registered on import, not in register_configs: a config sent
+# unresolved to another process (the benchmarks' local worlds) resolves there too.
+OmegaConf.register_new_resolver("python_stdlib", lambda: sysconfig.get_paths()["stdlib"], replace=True)

@@ -43,6 +43,13 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
     if hybrid != (cfg.data.name in CLICK_DATASETS):
         yield (f"data={cfg.data.name} with mode={cfg.mode.name}: the click datasets ({', '.join(CLICK_DATASETS)}) "
                "train with mode=hybrid only, and mode=hybrid trains on them only")
+    if not (serving or hybrid or predicting):
+        yield from _text_problems(cfg)
+    if trainer.val_every is None or trainer.val_every < 0:
+        yield f"trainer.val_every={trainer.val_every}: must be 0 (validate at epoch ends only) or a number of steps"
+    elif trainer.val_every and (parameter_server or hybrid):
+        yield (f"trainer.val_every={trainer.val_every}: mode={cfg.mode.name} validates at the end of each epoch "
+               "only; set trainer.val_every=0 (data.limit shortens epochs)")
     if not (parameter_server or serving or hybrid or predicting):
         yield from _micro_batch_problems(cfg.pipeline, trainer.batch_size, cfg.runtime.num_worker_threads)
     if world_size < 2:
@@ -67,6 +74,28 @@ def _problems(cfg: DictConfig, world_size: int) -> Iterator[str]:
         yield from _stage_problems(cfg.pipeline, world_size)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         yield f"data.val_fraction={cfg.data.val_fraction}: must be between 0 and 1"
+
+
+def _text_problems(cfg: DictConfig) -> Iterator[str]:
+    """data=text trains a sequence model (one with a context, models/gpt.py), and only on it."""
+    text, sequence = cfg.data.name == "text", "context" in cfg.model
+    if text and not sequence:
+        yield (f"data=text with model={cfg.model.get('_target_')}: byte-level text trains a sequence model "
+               "(one with model.context); use model=gpt")
+    elif sequence and not text:
+        yield f"model={cfg.model.get('_target_')} with data={cfg.data.name}: it reads bytes; use data=text"
+    if not text:
+        return
+    yield from _positive("model.context", cfg.model.context)
+    if cfg.data.val_limit is not None:
+        yield from _positive("data.val_limit", cfg.data.val_limit)
+    sample = cfg.data.sample
+    if sample is not None:
+        yield from _positive("data.sample.length", sample.length)
+        if not sample.prompt:
+            yield "data.sample.prompt is empty: give the text to continue, or set data.sample=null for no samples"
+        if sample.temperature < 0:
+            yield f"data.sample.temperature={sample.temperature}: must be 0 (greedy) or more"
 
 
 def _checkpoint_problems(cfg: DictConfig) -> Iterator[str]:

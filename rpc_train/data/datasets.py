@@ -25,13 +25,18 @@ _PIXEL_MAX = {"digits": 16.0, "mnist": 255.0, "fashion_mnist": 255.0, "cifar10":
 TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 
 
-def load_datasets(data, seed: int) -> tuple[TensorDataset, TensorDataset]:
-    """(train, validation): float32 inputs [N, C, H, W] shaped like `data.shape`, int64 labels.
+def load_datasets(data, seed: int) -> tuple[Dataset, Dataset]:
+    """(train, validation): float32 inputs [N, C, H, W] shaped like `data.shape`, int64 labels
+    (data=text: byte windows, data/text.py).
 
     Validation is a seeded `data.val_fraction` of the training files (the test split is never
     read); `data.limit` then keeps the first N training samples.
     """
     check_available(data)
+    if data.name == "text":
+        from rpc_train.data.text import load_text
+
+        return load_text(data, seed)
     inputs, labels = _load_raw(data, seed)
     _check_matches_conf(data, inputs, labels)
     train_idx, val_idx = split_train_val(data, len(labels), seed)
@@ -118,6 +123,14 @@ def split_train_val(data, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
             raise ConfigError(f"data.limit={data.limit} must be at least 1 (or null for all)")
         train_idx = train_idx[: data.limit]
     return train_idx, val_idx
+
+
+def example_inputs(data, n: int, device="cpu") -> torch.Tensor:
+    """`n` random inputs shaped and typed as `data`'s (for timing layers): normal floats, or
+    random bytes for data=text."""
+    if data.name == "text":
+        return torch.randint(0, data.num_classes, (n, *data.shape), device=device)
+    return torch.randn(n, *data.shape, device=device)
 
 
 def normalise(name: str, inputs: torch.Tensor) -> torch.Tensor:

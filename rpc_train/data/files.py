@@ -18,8 +18,10 @@ later inside torchvision for a missing file:
 import os
 
 from rpc_train.config.errors import ConfigError
+from rpc_train.data.corpus import usable_files
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic", "imagefolder", "criteo", "synthetic_clicks")
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "synthetic", "imagefolder", "criteo", "synthetic_clicks",
+            "text")
 CLICK_DATASETS = ("criteo", "synthetic_clicks")  # mode=hybrid's, read by data/clicks.py
 
 # Datasets that are generated or bundled with a package, so never need files.
@@ -52,6 +54,9 @@ def check_available(data) -> None:
         raise ConfigError(f"data.name={data.name!r} is not a dataset; valid: {', '.join(DATASETS)}")
     if data.name == "imagefolder":  # never downloaded, whatever data.download says
         check_imagefolder(data)
+        return
+    if data.name == "text":  # files there, readable, two of them long enough for a window
+        usable_files(data, int(data.shape[0]) + 1)
         return
     if data.download or data.name in _NO_FILES:
         return

@@ -19,7 +19,7 @@ ON_ERROR = ("raise", "skip")
 @dataclass
 class Batch:
     x: Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # a tuple for samples of several tensors (clicks)
-    y: torch.Tensor  # the labels: int64 classes, or float32 clicks
+    y: torch.Tensor  # the labels: int64 classes, float32 clicks, or int64 [B, T] next bytes (text)
     ids: torch.Tensor  # int64: the samples in x, in order (the ids asked for, less any skipped)
     skipped: List[str] = field(default_factory=list)  # "<sample>: <reason>" of each sample left out
 
@@ -67,9 +67,11 @@ class BatchMaker:
             raise SampleError(f"{self.source.name} batch of {len(ids)}", f"no sample decoded; first: {skipped[0]}")
         samples = [apply_seeded(self.transform, raws[i] if i in raws else decoded[i], self.seed, epoch, i) for i in kept]
         x = tuple(torch.stack(parts) for parts in zip(*samples)) if isinstance(samples[0], tuple) else torch.stack(samples)
-        # int labels become int64, float ones (clicks) float32, as the in-memory datasets hold them.
-        batch = Batch(x=x, y=torch.tensor([self.source.label(i) for i in kept]),
-                      ids=torch.tensor(kept, dtype=torch.int64), skipped=skipped)
+        labels = [self.source.label(i) for i in kept]
+        # int labels become int64, float ones (clicks) float32, as the in-memory datasets hold
+        # them; a label of several targets (data=text: the next bytes) is a tensor, stacked.
+        y = torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels)
+        batch = Batch(x=x, y=y, ids=torch.tensor(kept, dtype=torch.int64), skipped=skipped)
         return batch, decoded
 
 

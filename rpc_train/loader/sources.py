@@ -119,6 +119,26 @@ class ClickSource:
         return self.dense[i].clone(), self.sparse[i].clone()
 
 
+class WindowSource:
+    """A split of data=text (data/text.py): sample i is a window's input bytes, its label the
+    next bytes, both int64 [context]."""
+
+    def __init__(self, name: str, windows):
+        self.name, self.windows = name, windows
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def describe(self, i: int) -> str:
+        return f"{self.name}[{i}]"
+
+    def label(self, i: int) -> torch.Tensor:
+        return self.windows[i][1]
+
+    def decode(self, i: int) -> torch.Tensor:
+        return self.windows[i][0]
+
+
 def build_sources(data, seed: int) -> Tuple[SampleSource, SampleSource]:
     """(train, validation) sources of a dataset, split as `load_datasets` / `load_clicks` split it."""
     if data.name in CLICK_DATASETS:
@@ -131,6 +151,11 @@ def build_sources(data, seed: int) -> Tuple[SampleSource, SampleSource]:
 
         train, val = load_imagefolder(data, seed)
         return ImageFolderSource("imagefolder train", train), ImageFolderSource("imagefolder val", val)
+    if data.name == "text":
+        from rpc_train.data.text import load_text
+
+        train, val = load_text(data, seed)
+        return WindowSource("text train", train), WindowSource("text val", val)
     from rpc_train.data.datasets import load_datasets
 
     train, val = load_datasets(data, seed)

@@ -20,6 +20,9 @@ class RunLogger:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, step)
+
     def config(self, cfg: DictConfig) -> None:
         text = OmegaConf.to_yaml(cfg, resolve=True)
         # Four leading spaces make TensorBoard's markdown show the YAML as a code block.

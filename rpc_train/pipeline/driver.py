@@ -6,6 +6,7 @@ from rpc_train.checkpoint.manager import Checkpointer
 from rpc_train.loader.metrics import LoaderMetrics
 from rpc_train.loader.service import consumer_loaders, start_data_service
 from rpc_train.metrics.tensorboard import RunLogger
+from rpc_train.metrics.text import validation_extras
 from rpc_train.pipeline.engine import PipelineEngine
 from rpc_train.pipeline.profile import ProfileHook
 from rpc_train.pipeline.timeline import TimelineLogger
@@ -28,7 +29,8 @@ def fit_pipeline(cfg: DictConfig, world_size: int, logger: RunLogger) -> FitResu
     timeline = TimelineLogger(logger, logger.log_dir, cfg.pipeline.timeline_every, cfg.pipeline.trace_step)
     loader_metrics = LoaderMetrics(logger, cfg.trainer.log_every, train_loader, service)
     trainer = Trainer(engine, train_loader, val_loader, cfg.trainer, logger,
-                      hooks=[timeline, loader_metrics, checkpoints], start=start, progress_s=cfg.log.progress_s)
+                      hooks=[timeline, loader_metrics, checkpoints], start=start, progress_s=cfg.log.progress_s,
+                      validation_extras=validation_extras(cfg, engine.state_dict, logger))
     # Last, so the trace starts after the other hooks of step N-1 (a checkpoint saved at step
     # N itself is in it).
     trainer.hooks.append(ProfileHook(engine, logger.log_dir, cfg.pipeline.profile_step, trainer.step + 1,

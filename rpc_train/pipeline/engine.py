@@ -27,6 +27,7 @@ import torch.distributed.rpc as rpc
 from omegaconf import DictConfig
 
 from rpc_train.config.schema import as_dict
+from rpc_train.data.datasets import example_inputs
 from rpc_train.runtime.roles import stage_ranks
 from rpc_train.pipeline.partition import plan_stages, stage_bounds
 from rpc_train.pipeline.profile import RankProfiler
@@ -59,7 +60,7 @@ class PipelineEngine:
         # Timing layers needs only the shape of a micro-batch, not real data, on the stages'
         # kind of device (check_device has made sure the driver has one too).
         micro = max(1, cfg.trainer.batch_size // self.micro_batches)
-        sample = torch.randn(micro, *cfg.data.shape, device=self.device)
+        sample = example_inputs(cfg.data, micro, self.device)
         self.counts = plan_stages(layers, k, cfg.pipeline.balance, sample)
         self.workers = [worker_name(rank) for rank in ranks]
         self.stages = [

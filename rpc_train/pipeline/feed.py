@@ -22,6 +22,7 @@ import torch
 import torch.distributed.autograd as dist_autograd
 
 from rpc_train.runtime.devices import after_current_stream, bind_cuda_context
+from rpc_train.training.loss import predictions
 
 
 class Feeder:
@@ -58,7 +59,7 @@ class Feeder:
         after_current_stream(self.stage.device)
         for cx, cy in self._chunks(x, y):
             report = torch.futures.Future()
-            self._pool.submit(self._micro_batch, self.take_seq(), cx, cy, len(y), release, report)
+            self._pool.submit(self._micro_batch, self.take_seq(), cx, cy, predictions(y), release, report)
             reports.append(report)
         # Runs on the thread of the micro-batch that ends last (or fails first): ours, not an
         # RPC thread, so it may wait for the other stages' steps.

@@ -213,7 +213,8 @@ class StageWorker:
                       context_id: Optional[int]) -> torch.futures.Future:
         """Micro-batch `seq` through this stage, then on to the next one, or to the loss here on
         the last: a Future of (loss, correct). Training when `context_id` names its autograd
-        context; `batch`, the whole batch's size, then scales its share of the loss."""
+        context; `batch`, the whole batch's predictions (training/loss.py `predictions`: its
+        samples, or its tokens), then scales its share of the loss."""
         with on_device_stream(self.device):  # y is sent as ready on the stage's stream
             y = self.compute(seq, x, context_id is not None)
             if self.next_stage is None:
@@ -230,8 +231,9 @@ class StageWorker:
                context_id: Optional[int]) -> tuple:
         """The last stage: the micro-batch's loss and correct count, and in training its backward.
 
-        The loss is summed, then divided by the whole batch: the micro-batches' losses add up
-        to the batch's mean loss, so gradients match one pass over the batch. The backward
+        The loss is summed, then divided by the whole batch's predictions (one per sample, or
+        one per token of a sequence model): the micro-batches' losses add up to the batch's
+        mean loss, so gradients match one pass over the batch. The backward
         runs even for a non-finite loss (the driver then drops the step): with 1f1b, later
         forwards wait at each stage for this backward to end there.
         """

@@ -23,6 +23,7 @@ from rpc_train.loader.service import DataService, consumer_loaders, start_data_s
 from rpc_train.config.errors import ConfigError, RunFailure
 from rpc_train.training.local import LocalEngine
 from rpc_train.metrics.tensorboard import RunLogger
+from rpc_train.metrics.text import validation_extras
 from rpc_train.metrics.progress import Progress
 from rpc_train.ps.progress import ProgressMonitor, collapse_warning
 from rpc_train.ps.server import ParameterServer
@@ -199,6 +200,7 @@ def run_epochs(cfg: DictConfig, engine: ServerEngine, monitor: ProgressMonitor, 
     """
     job, position = engine.job, checkpoints.position
     done, best = position.step, None
+    extras = validation_extras(cfg, job.reference.state_dict, logger)  # pulled just before each validation
     for epoch in range(position.epoch, cfg.trainer.epochs):
         skip = position.batch if epoch == position.epoch else 0
         steps = min(job.per_epoch - skip, job.total - done)
@@ -214,7 +216,7 @@ def run_epochs(cfg: DictConfig, engine: ServerEngine, monitor: ProgressMonitor, 
         position.step, position.loader_state = done, state
         position.epoch, position.batch = (epoch + 1, 0) if complete else (epoch, skip + steps)
         engine.pull()
-        validate_and_log(engine, job.val_loader, logger, monitor.final, epoch, done)
+        validate_and_log(engine, job.val_loader, logger, monitor.final, epoch, done, extras)
         accuracy = monitor.final["val/accuracy"]
         warning = collapse_warning(best, accuracy, done, monitor.pop_stalest(), divergence_remedy(cfg))
         if warning:

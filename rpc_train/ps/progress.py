@@ -39,14 +39,16 @@ class TrainerReport:
     seconds: float = 0.0
     loss: float = 0.0  # summed over the steps; each step's loss is a batch mean
     correct: int = 0
+    predictions: int = 0  # what `correct` counts of: samples, or a sequence model's tokens
     staleness: List[int] = field(default_factory=list)  # one per applied gradient
     refreshes: int = 0  # gradients a server refused as too stale
     lr: float = 0.0
     input_wait_s: float = 0.0  # waiting for batches from the data service (loader=service)
 
-    def add(self, loss: float, correct: int, samples: int, seconds: float) -> None:
+    def add(self, loss: float, correct: int, samples: int, seconds: float, predictions: Optional[int] = None) -> None:
         self.steps, self.samples, self.seconds = self.steps + 1, self.samples + samples, self.seconds + seconds
         self.loss, self.correct = self.loss + loss, self.correct + correct
+        self.predictions += samples if predictions is None else predictions
 
     def note_push(self, applied: bool, staleness: int, lr: float) -> None:
         if applied:
@@ -89,13 +91,15 @@ def combine(reports: List[TrainerReport]) -> Dict[str, float]:
     steps, samples = sum(r.steps for r in reports), sum(r.samples for r in reports)
     scalars = {
         "train/loss": sum(r.loss for r in reports) / steps,
-        "train/accuracy": sum(r.correct for r in reports) / samples,
+        "train/accuracy": sum(r.correct for r in reports) / sum(r.predictions for r in reports),
         # The trainers run side by side, so their rates add up.
         "throughput/samples_per_s": sum(r.samples / r.seconds for r in reports),
         "time/step_ms": 1e3 * sum(r.seconds for r in reports) / steps,
         "lr": reports[0].lr,
         "ps/stale_refreshes": float(sum(r.refreshes for r in reports)),
     }
+    if sum(r.predictions for r in reports) != samples:  # a sequence model: one prediction per token
+        scalars["throughput/tokens_per_s"] = sum(r.predictions / r.seconds for r in reports)
     waited = sum(r.input_wait_s for r in reports)
     if waited:  # the trainers wait side by side: the share of their time spent waiting
         scalars["loader/input_wait_fraction"] = waited / (waited + sum(r.seconds for r in reports))

@@ -27,7 +27,7 @@ from rpc_train.loader.stream import BatchLoader
 from rpc_train.ps.progress import TrainerReport, record_report
 from rpc_train.ps.server import PushReply, fetch_shard, push_gradients
 from rpc_train.runtime.world import DRIVER
-from rpc_train.training.loss import correct_of, loss_of
+from rpc_train.training.loss import correct_of, loss_of, predictions
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class TrainerWorker:
                 self._step_hook(self.trainer_id, self.step + 1)
             started = time.perf_counter()
             loss, correct = self._train_step(x, y)
-            self.report.add(loss, correct, len(y), time.perf_counter() - started)
+            self.report.add(loss, correct, len(y), time.perf_counter() - started, predictions(y))
             self.step += 1
             if self.step % self.log_every == 0 or self.step == self.total_steps:
                 self.report.step, self.report.epoch = self.step, epoch

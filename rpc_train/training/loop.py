@@ -18,6 +18,7 @@ from rpc_train.metrics.progress import Progress
 from rpc_train.metrics.tensorboard import RunLogger
 from rpc_train.checkpoint.position import Position
 from rpc_train.loader.stream import batches_from
+from rpc_train.training.loss import predictions
 from rpc_train.training.protocol import Engine, Evaluator, StepResult
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,14 @@ class _Window:
         self.reset()
 
     def reset(self) -> None:
-        self.steps = self.samples = self.correct = 0
+        self.steps = self.samples = self.predictions = self.correct = 0
         self.loss = self.seconds = 0.0
         self.stats: Dict[str, float] = defaultdict(float)
 
-    def add(self, result: StepResult, samples: int, seconds: float) -> None:
+    def add(self, result: StepResult, samples: int, predictions: int, seconds: float) -> None:
         self.steps += 1
         self.samples += samples
+        self.predictions += predictions
         self.correct += result.correct
         self.loss += result.loss
         self.seconds += seconds
@@ -46,31 +48,41 @@ class _Window:
     def scalars(self) -> Dict[str, float]:
         out = {
             "train/loss": self.loss / self.steps,
-            "train/accuracy": self.correct / self.samples,
+            "train/accuracy": self.correct / self.predictions,
             "throughput/samples_per_s": self.samples / self.seconds,
             "time/step_ms": 1e3 * self.seconds / self.steps,
         }
+        if self.predictions != self.samples:  # a sequence model: one prediction per token
+            out["throughput/tokens_per_s"] = self.predictions / self.seconds
         for key, value in self.stats.items():
             out[key if key == "lr" or "/" in key else f"train/{key}"] = value / self.steps
         return out
 
 
 def evaluate(engine: Evaluator, val_loader: DataLoader) -> Dict[str, float]:
-    """Validation loss (per sample) and accuracy of any engine with an `eval_step`."""
+    """Validation loss and accuracy per prediction (per sample, or per token of a sequence
+    model: data=text's loss is in nats per byte) of any engine with an `eval_step`."""
     loss = correct = count = 0
     for x, y in val_loader:
         result = engine.eval_step(x, y)
-        loss, correct, count = loss + result.loss, correct + result.correct, count + len(y)
+        loss, correct, count = loss + result.loss, correct + result.correct, count + predictions(y)
     return {"val/loss": loss / count, "val/accuracy": correct / count}
 
 
+ValidationExtra = Callable[[int, Dict[str, float]], None]
+
+
 def validate_and_log(engine: Evaluator, val_loader: DataLoader, logger: Optional[RunLogger], final: Dict[str, float],
-                     epoch: int, step: int) -> None:
-    """Evaluate at an epoch's end (`epoch` counted from 0), say so, log it (flushed), and record
-    it in `final`."""
+                     epoch: int, step: int, extras: Sequence[ValidationExtra] = ()) -> None:
+    """Evaluate (`epoch` counted from 0), say so, log it (flushed), and record it in `final`.
+    `extras` are called as extra(step, scalars) first, to add scalars or log more
+    (metrics/text.py: a language model's bits per byte and a sample of its text)."""
     scalars = evaluate(engine, val_loader)
-    log.info("epoch %d step %d: val loss %.4f, val accuracy %.4f",
-             epoch + 1, step, scalars["val/loss"], scalars["val/accuracy"])
+    for extra in extras:
+        extra(step, scalars)
+    log.info("epoch %d step %d: val loss %.4f, val accuracy %.4f%s", epoch + 1, step, scalars["val/loss"],
+             scalars["val/accuracy"], "".join(f", {k[4:].replace('_', ' ')} {v:.4f}" for k, v in scalars.items()
+                                               if k not in ("val/loss", "val/accuracy")))
     if logger:
         logger.scalars(step, scalars)
         logger.flush()
@@ -81,11 +93,13 @@ class Trainer:
     def __init__(self, engine: Engine, train_loader: DataLoader, val_loader: DataLoader,
                  cfg: TrainerConf, logger: Optional[RunLogger] = None,
                  hooks: Sequence[Callable[[int, object], None]] = (), start: Optional[Position] = None,
-                 progress_s: float = 10.0):
+                 progress_s: float = 10.0, validation_extras: Sequence[ValidationExtra] = ()):
         """`hooks` are called as hook(step, result) after every training step. `start` (from a
         checkpoint) is where to go on from; the loop advances that object in place.
-        `progress_s`: seconds between progress lines when stderr is not a terminal."""
+        `progress_s`: seconds between progress lines when stderr is not a terminal.
+        `validation_extras`: see `validate_and_log`."""
         self.engine, self.cfg, self.logger, self.hooks = engine, cfg, logger, list(hooks)
+        self.validation_extras = list(validation_extras)
         self.progress_s = progress_s
         self.train_loader, self.val_loader = train_loader, val_loader
         self.position = start if start is not None else Position()
@@ -118,12 +132,14 @@ class Trainer:
                     result = self.engine.train_step(x, y)
                     applied = self._applied(result)
                     if applied:
-                        window.add(result, len(y), time.perf_counter() - t0)
+                        window.add(result, len(y), predictions(y), time.perf_counter() - t0)
                     self.step += 1
                     self.position.batch += 1
                     progress.update(self.step, len(y), result.loss if applied else None, epoch)
                     if self.position.batch == len(self.train_loader) or self.step == total:
                         self._end_epoch(epoch, batches)
+                    elif self.cfg.val_every and self.step % self.cfg.val_every == 0:
+                        self._validate(epoch)
                     for hook in self.hooks:
                         hook(self.step, result)
                     if self.step % self.cfg.log_every == 0 or self.step == total:
@@ -155,7 +171,11 @@ class Trainer:
             generator = self.train_loader.generator
             self.position.epoch, self.position.batch = epoch + 1, 0
             self.position.loader_state = generator.get_state() if generator is not None else None
-        validate_and_log(self.engine, self.val_loader, self.logger, self.final, epoch, self.step)
+        self._validate(epoch)
+
+    def _validate(self, epoch: int) -> None:
+        validate_and_log(self.engine, self.val_loader, self.logger, self.final, epoch, self.step,
+                         self.validation_extras)
 
     def _batches(self, epoch: int) -> Iterable:
         """This epoch's batches, less those a resumed run already trained on.

@@ -30,3 +30,12 @@ def hparams_of(run_dir: Path) -> Dict[str, object]:
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     return {name: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
             for name, value in start.session_start_info.hparams.items()}
+
+
+def read_texts(run_dir: Path) -> Dict[str, List[tuple]]:
+    """Every text summary (`add_text`) in the run's event files, as tag -> [(step, text), ...];
+    the tag as given to add_text, without TensorBoard's `/text_summary`."""
+    acc = _accumulator(run_dir, tensors=0)
+    suffix = "/text_summary"
+    return {tag[:-len(suffix)]: [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
+            for tag in acc.Tags()["tensors"] if tag.endswith(suffix)}

@@ -19,7 +19,8 @@ def options(group: str):
     return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
 
 
-IMAGE_MODELS = [m for m in options("model") if m != "dlrm"]  # the DLRM reads click data: below
+# The DLRM reads click data and the GPT bytes: below.
+IMAGE_MODELS = [m for m in options("model") if m not in ("dlrm", "gpt")]
 
 
 @pytest.mark.parametrize("model", IMAGE_MODELS)
@@ -30,6 +31,14 @@ def test_every_model_builds_for_its_data_and_runs(model, data):
     assert isinstance(net, torch.nn.Sequential) and len(net) >= 3
     out = net.eval()(torch.randn(2, *cfg.data.shape))
     assert out.shape == (2, cfg.data.num_classes)
+
+
+def test_the_gpt_builds_for_text_and_runs():
+    cfg = compose(["model=gpt", "data=text", "model.context=16", "model.layers=2"])
+    net = instantiate(cfg.model)
+    assert isinstance(net, torch.nn.Sequential) and len(net) == 1 + 2 + 2  # embedding, blocks, norm, head
+    out = net.eval()(torch.randint(0, 256, (2, *cfg.data.shape)))
+    assert out.shape == (2, 16, cfg.data.num_classes)
 
 
 @pytest.mark.parametrize("data", ["synthetic_clicks", "criteo"])
@@ -56,7 +65,7 @@ def test_every_optimizer_and_scheduler_binds_to_parameters(optim, scheduler):
 @pytest.mark.parametrize("group", ["data", "mode", "experiment", "loader"])
 def test_every_option_composes_and_validates(group):
     hybrid_only = {("data", "criteo"), ("data", "synthetic_clicks"), ("mode", "hybrid")}
-    needs = {("mode", "predict"): ["data=imagefolder", "predict.out=predictions"]}
+    needs = {("mode", "predict"): ["data=imagefolder", "predict.out=predictions"], ("data", "text"): ["model=gpt"]}
     for option in options(group):
         preset = ["experiment=dlrm_synthetic"] if (group, option) in hybrid_only else needs.get((group, option), [])
         cfg = compose([*preset, f"{group}={option}"])

@@ -39,6 +39,8 @@ def test_yaml_merges_into_schema(name):
     assert conf.name == name
     if name in CLICK_DATASETS:  # dense features, click or not, a table per categorical feature
         assert len(conf.shape) == 1 and conf.num_classes == 2 and len(conf.table_rows) >= 1
+    elif name == "text":  # bytes: a window of model.context, one class per byte value
+        assert OmegaConf.to_container(conf)["shape"] == ["${model.context}"] and conf.num_classes == 256
     else:
         assert len(conf.shape) == 3 and conf.num_classes == 10
 

@@ -22,7 +22,7 @@ def run(*args, **env):
 def test_help_lists_config_groups_without_starting_rpc():
     result = run("--help")
     assert result.returncode == 0
-    assert "model: convnet, dlrm, mlp, resnet18, resnet50" in result.stdout
+    assert "model: convnet, dlrm, gpt, mlp, resnet18, resnet50" in result.stdout
     assert "experiment: " in result.stdout and "torch.distributed" not in result.stderr
 
 
