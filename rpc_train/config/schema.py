@@ -221,6 +221,29 @@ class ServeConf:
     # On SIGTERM/SIGINT readiness goes false at once, but requests are still taken this long
     # before new ones get UNAVAILABLE: time for a load balancer to stop sending (Triton #6230).
     drain_grace_s: float = 2.0
+    # A GPT run (docs/serving.md, "Text generation"): true, a new sequence joins the running
+    # batch at its next decode step; false, it waits until every running sequence has ended.
+    continuous_batching: bool = True
+    # A sequence's KV cache is dropped by its worker after this long without a decode step
+    # (a front end that lost track of it); a client's deadline ends a sequence sooner.
+    sequence_idle_s: float = 60.0
+
+
+@dataclass
+class GenerateConf:
+    """python -m rpc_train.generate serve.run=<GPT run>: sample text in this process."""
+
+    prompt: str = "def "
+    # Bytes generated after the prompt.
+    max_tokens: int = 200
+    # 0: greedy (always the likeliest byte); higher: more varied.
+    temperature: float = 0.8
+    # > 0: draw among the k likeliest bytes only; 0: among all.
+    top_k: int = 0
+    # The same seed (and run, prompt and settings) gives the same text.
+    seed: int = 0
+    # true: a KV cache (each step computes the new byte only); false: the whole window each step.
+    kv_cache: bool = True
 
 
 @dataclass
@@ -356,6 +379,7 @@ class Config:
     pipeline: PipelineConf = field(default_factory=PipelineConf)
     ps: PSConf = field(default_factory=PSConf)
     serve: ServeConf = field(default_factory=ServeConf)
+    generate: GenerateConf = field(default_factory=GenerateConf)
     hybrid: HybridConf = field(default_factory=HybridConf)
     trainer: TrainerConf = field(default_factory=TrainerConf)
     seed: int = 0

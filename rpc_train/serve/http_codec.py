@@ -6,7 +6,8 @@ A request body is a JSON document, or, with the binary tensor data extension, a 
 its share with the parameter `binary_data_size`. An input's JSON `data` may be nested by row or
 flat. A reply's outputs are JSON `data` lists (flat, row-major), or raw bytes after its JSON
 header when the request asks: `binary_data_output` for every output, an output's own
-`binary_data` for that one (tritonclient.http asks for bytes by default).
+`binary_data` for that one (tritonclient.http asks for bytes by default). BYTES go as JSON
+strings (UTF-8) or, binary, length-prefixed as on gRPC.
 
 Only what is particular to this encoding is checked here; everything about the model is the
 core's (`ModelSpec.rows`), so a request is refused with the same words through either door.
@@ -20,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from rpc_train.serve.spec import InferReply, InferRequest
-from rpc_train.serve.tensors import NUMPY_TYPES, Tensor, invalid
+from rpc_train.serve.tensors import NUMPY_TYPES, Tensor, invalid, unpack_bytes
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPE = "application/json"
@@ -85,6 +86,8 @@ def reply_body(reply: InferReply, call: HttpInfer) -> Tuple[bytes, Dict[str, str
         if call.wants_binary(tensor.name):
             out["parameters"] = {"binary_data_size": len(tensor.raw)}
             blobs.append(tensor.raw)
+        elif tensor.datatype == "BYTES":  # JSON strings; bytes that are not UTF-8 need binary_data
+            out["data"] = [e.decode("utf-8", errors="replace") for e in unpack_bytes(tensor.raw)]
         else:
             out["data"] = np.frombuffer(tensor.raw, dtype=NUMPY_TYPES[tensor.datatype]).tolist()
         outputs.append(out)

@@ -5,7 +5,8 @@ model.pt is served (`serve.models` names several). The model comes from the run'
 `.hydra/config.yaml` (its `model` and `data` groups), so it is the class and shape that were
 trained, whatever the serving job's own config says; model.pt loads with `weights_only=True`,
 which never runs pickled code. A mode=hybrid run is its DLRM, served whole: dense features and
-categorical indices in, the click logit out.
+categorical indices in, the click logit out. A GPT run (a model with a KV-cache `decode`) is
+served as a text generator (serve/generation.py).
 
 The front end reads model.pt once (`read_weights`): the bytes it hashes are the bytes whose
 tensors every replica is sent, so the response cache's digest names what computed the answer.
@@ -39,6 +40,7 @@ class ServedModel:
     shape: List[int]  # one input row (the DLRM's: its dense features)
     num_classes: int
     table_rows: List[int] = field(default_factory=list)  # a DLRM's tables' sizes; empty: a classifier
+    generative: bool = False  # a model with a KV-cache `decode` (a GPT): it is served as a text generator
 
     @property
     def is_dlrm(self) -> bool:
@@ -70,7 +72,24 @@ def served_model(run: Optional[str], model_name: Optional[str]) -> ServedModel:
     tables = list(cfg.data.table_rows) if cfg.mode.name == "hybrid" else []
     return ServedModel(run_dir=run_dir, name=model_name or _model_option(run_dir, model_cfg), model_cfg=model_cfg,
                        seed=int(cfg.seed), shape=list(cfg.data.shape), num_classes=int(cfg.data.num_classes),
-                       table_rows=[int(rows) for rows in tables])
+                       table_rows=[int(rows) for rows in tables], generative=_generative(model_cfg))
+
+
+def _generative(model_cfg: dict) -> bool:
+    """The model class has an incremental `decode` (models/gpt.py): text in, text out."""
+    from hydra.utils import get_class
+
+    try:
+        return callable(getattr(get_class(model_cfg["_target_"]), "decode", None))
+    except Exception:  # noqa: BLE001 - not a class (a factory function): build_model says what is wrong
+        return False
+
+
+def sample_input(served: ServedModel):
+    """One row of what the model takes, zeros: a GPT's is a window of byte indices."""
+    if served.generative:
+        return torch.zeros(1, *served.shape, dtype=torch.int64)
+    return torch.zeros(1, *served.shape)
 
 
 def served_models(conf) -> Dict[str, ServedModel]:

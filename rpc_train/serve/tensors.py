@@ -5,9 +5,14 @@ values are: raw little-endian bytes (gRPC's raw_input_contents, HTTP's binary ex
 list of values (gRPC's typed contents, HTTP's JSON `data`). The core checks name, datatype and
 shape against the model first and decodes the values after, so that a request with a wrong
 datatype is told so, not that its bytes do not add up.
+
+BYTES (strings of bytes) are carried as Triton does: raw, each element as a 4-byte
+little-endian length and then its bytes; typed, gRPC's `bytes_contents` and HTTP JSON strings
+(UTF-8). They decode to a numpy array of Python `bytes` objects.
 """
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -50,6 +55,8 @@ class Tensor:
 
     def array(self) -> np.ndarray:
         """The values as a writable numpy array of `shape`; BadRequest when they do not fit it."""
+        if self.datatype == "BYTES":
+            return self._bytes_array()
         dtype = np.dtype(NUMPY_TYPES[self.datatype])
         count = math.prod(self.shape)
         if self.raw is not None:
@@ -66,6 +73,40 @@ class Tensor:
             return np.asarray(flat, dtype=dtype).reshape(self.shape)
         except (TypeError, ValueError, OverflowError) as err:
             raise invalid(f"input '{self.name}' {self.source}: values that are not {self.datatype} ({err})") from err
+
+
+    def _bytes_array(self) -> np.ndarray:
+        count = math.prod(self.shape)
+        if self.raw is not None:
+            flat = unpack_bytes(self.raw, self.name, self.source)
+        else:
+            flat = [v.encode() if isinstance(v, str) else v for v in _flatten([] if self.values is None else self.values)]
+            if not all(isinstance(v, bytes) for v in flat):
+                raise invalid(f"input '{self.name}' {self.source}: values that are not BYTES (strings)")
+        if len(flat) != count:
+            raise invalid(f"input '{self.name}' {self.source} holds {len(flat)} elements; shape {self.shape} needs "
+                          f"{count}")
+        out = np.empty(count, dtype=object)
+        out[:] = flat
+        return out.reshape(self.shape)
+
+
+def pack_bytes(elements: Sequence[bytes]) -> bytes:
+    """BYTES elements as raw contents: each a 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
+def unpack_bytes(raw: bytes, name: str = "", source: str = "raw") -> List[bytes]:
+    out, at = [], 0
+    while at < len(raw):
+        if at + 4 > len(raw):
+            raise invalid(f"input '{name}' {source}: {len(raw) - at} bytes left where a 4-byte length was expected")
+        (length,) = struct.unpack_from("<I", raw, at)
+        if at + 4 + length > len(raw):
+            raise invalid(f"input '{name}' {source}: an element of {length} bytes, but only {len(raw) - at - 4} follow")
+        out.append(bytes(raw[at + 4:at + 4 + length]))
+        at += 4 + length
+    return out
 
 
 def _flatten(values: Sequence) -> list:
@@ -91,6 +132,9 @@ class TensorSpec:
 
 
 def output_tensor(spec: TensorSpec, array: np.ndarray) -> Tensor:
-    """A reply's tensor: raw little-endian bytes of the datatype the model gives."""
+    """A reply's tensor: raw little-endian bytes of the datatype the model gives (BYTES: length-prefixed)."""
+    if spec.datatype == "BYTES":
+        array = np.asarray(array, dtype=object)
+        return Tensor(spec.name, spec.datatype, list(array.shape), raw=pack_bytes(list(array.flatten())))
     out = np.ascontiguousarray(array, dtype=np.dtype(NUMPY_TYPES[spec.datatype]))
     return Tensor(spec.name, spec.datatype, list(out.shape), raw=out.tobytes())

@@ -18,7 +18,7 @@ from helpers.launching import REPO
 
 SHELL_FENCES = {"bash", "sh", "shell", "console"}
 # Modules whose arguments are Hydra overrides; every other rpc_train module parses flags (argparse).
-HYDRA_MODULES = {"rpc_train.train", "rpc_train.preflight", "rpc_train.sweep"}
+HYDRA_MODULES = {"rpc_train.train", "rpc_train.preflight", "rpc_train.sweep", "rpc_train.generate"}
 # launch.sh's introspection flags, two of them with a value (`--cfg job`), and the sweep flag.
 LAUNCH_FLAGS_WITH_VALUE = {"--cfg", "-c", "--info", "-i", "--package", "-p"}
 LAUNCH_FLAGS = {"--help", "-h", "--hydra-help", "--resolve", "-m", "--multirun"}
