@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from typing import Optional
 
 import torch
 import torch.distributed.rpc as rpc
@@ -21,6 +22,7 @@ from rpc_train.runtime.world import worker_name
 from rpc_train.serve.cache import ResponseCache
 from rpc_train.serve.core import ServingCore
 from rpc_train.serve.dispatch import BatchingLimits, Dispatcher, Replica
+from rpc_train.serve.generation import GenerationScheduler
 from rpc_train.serve.frontend import HealthReporter, InferenceService, start_server
 from rpc_train.serve.http_server import start_http, start_metrics
 from rpc_train.serve.lifecycle import STOP
@@ -45,7 +47,7 @@ def build_replicas(cfg: DictConfig, world_size: int) -> tuple:
     for r in range((world_size - 1) // stages):
         workers = [worker_name(1 + r * stages + k) for k in range(stages)]
         rrefs.append([rpc.remote(workers[k], ServeStage, args=(r, k, workers[k + 1] if k + 1 < stages else None,
-                                                               cfg.device))
+                                                               cfg.device, cfg.serve.sequence_idle_s))
                       for k in range(stages)])
         replicas.append(Replica(replica=r, workers=workers))
     return rrefs, replicas
@@ -64,11 +66,14 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     repository = Repository(conf.keep_versions)
     dispatcher = Dispatcher(replicas, POLICIES[conf.routing](), limits, on_batch=metrics.batch_sent,
                             on_computed=repository.record_batch)
+    generation = GenerationScheduler(replicas, conf.max_batch_size, conf.max_queue_size, conf.continuous_batching,
+                                     conf.replica_timeout_s, on_step=repository.record_batch)
+    metrics.sequences(generation.live_caches, generation.running)
     cache = ResponseCache(conf.cache_size) if conf.cache_size else None
     rollout = Rollout(repository, dispatcher, stage_rrefs, conf, cfg.pipeline.balance,
                       max(conf.replica_timeout_s, cfg.runtime.rpc_timeout_s))
     core = ServingCore(repository, dispatcher, metrics, conf.max_message_mb, cache, rollout,
-                       "KIND_GPU" if cfg.device == "cuda" else "KIND_CPU")
+                       "KIND_GPU" if cfg.device == "cuda" else "KIND_CPU", generation)
     service, health = InferenceService(core), HealthReporter()
     try:
         server = start_server(service, health, conf)
@@ -99,7 +104,7 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
     logger.config(cfg)
     try:
         report(STOP, metrics, logger, conf.log_every_s, health, core)
-        _drain_and_stop(conf, core, health, dispatcher, server, rrefs, http)
+        _drain_and_stop(conf, core, health, dispatcher, server, rrefs, http, generation)
     finally:
         # The config and the session's totals, as a training run ends with its HParams.
         logger.hparams(flat_hparams(cfg), metrics.totals(time.monotonic() - started))
@@ -108,7 +113,7 @@ def serve(cfg: DictConfig, world_size: int, run_dir: str) -> dict:
 
 
 def _drain_and_stop(conf, core: ServingCore, health: HealthReporter, dispatcher: Dispatcher, server,
-                    rrefs, http=None) -> None:
+                    rrefs, http=None, generation: Optional[GenerationScheduler] = None) -> None:
     """Answer what is queued and in flight, refuse what comes, stop gRPC and HTTP, free the replicas."""
     log.info("draining: not ready now; new requests get UNAVAILABLE in %g s (serve.drain_grace_s), queued and "
              "in-flight ones are answered", conf.drain_grace_s)
@@ -117,6 +122,8 @@ def _drain_and_stop(conf, core: ServingCore, health: HealthReporter, dispatcher:
     time.sleep(conf.drain_grace_s)  # still serving: time for a load balancer to see we are not ready
     core.draining = True
     drained = dispatcher.drain(timeout_s=2 * conf.replica_timeout_s)
+    if generation is not None:  # sequences being generated end first (each within its max_tokens)
+        drained = generation.drain(timeout_s=2 * conf.replica_timeout_s) and drained
     # Every handler has its answer now; new calls keep getting UNAVAILABLE from the handlers for a
     # moment, so that few arrive just as gRPC closes (those may see CANCELLED instead).
     linger_until = time.monotonic() + LINGER_S

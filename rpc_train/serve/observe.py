@@ -49,6 +49,13 @@ class ServeMetrics:
         self._lock = threading.Lock()
         self._reset_window()
 
+    def sequences(self, live: Callable[[], int], running: Callable[[], int]) -> None:
+        """The text generators' gauges: KV caches the replicas hold, and sequences waiting or decoding."""
+        Gauge(f"{PREFIX}_sequences_live", "Sequences whose KV caches the replicas hold (as their last step said)",
+              registry=self.registry).set_function(live)
+        Gauge(f"{PREFIX}_sequences_running", "Generated sequences waiting or decoding on the front end",
+              registry=self.registry).set_function(running)
+
     def _reset_window(self) -> None:
         self._latency_ms: List[float] = []
         self._queue_ms: List[float] = []

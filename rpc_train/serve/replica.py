@@ -23,6 +23,7 @@ import torch
 import torch.distributed.rpc as rpc
 from torch import nn
 
+from rpc_train.serve.kv_cache import SequenceCaches
 from rpc_train.serve.source import ServedModel, build_served
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,11 @@ def local_device(device: str) -> torch.device:
 
 
 class ServeStage:
-    def __init__(self, replica: int, stage: int, next_worker: Optional[str], device: str):
+    def __init__(self, replica: int, stage: int, next_worker: Optional[str], device: str,
+                 sequence_idle_s: float = 60.0):
         self.device = local_device(device)
         self.modules: Dict[Key, nn.Module] = {}
+        self.sequences = SequenceCaches(sequence_idle_s)  # a GPT's KV caches, by sequence (kv_cache.py)
         self.key, self.next_worker = (replica, stage), next_worker
         _LOCAL[self.key] = self
         log.info("replica %d stage %d (pid %d) on %s", replica, stage, os.getpid(), self.device)
@@ -65,6 +68,7 @@ class ServeStage:
         return os.getpid()
 
     def unload(self, key: Key) -> None:
+        self.sequences.free_model(key)
         if self.modules.pop(key, None) is not None:
             log.info("replica %d stage %d: %s version %s unloaded", *self.key, *key)
 

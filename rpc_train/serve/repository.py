@@ -53,6 +53,8 @@ class Model:
 
 
 def spec_of(served: ServedModel, max_batch_size: int, version: str) -> ModelSpec:
+    if served.generative:
+        return ModelSpec.generator(served.name, served.shape[0], max_batch_size, version)
     if served.is_dlrm:
         return ModelSpec.dlrm(served.name, served.shape[0], served.table_rows, max_batch_size, version)
     return ModelSpec.classifier(served.name, served.shape, served.num_classes, max_batch_size, version)

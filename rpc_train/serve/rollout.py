@@ -21,9 +21,11 @@ import torch.distributed.rpc as rpc
 from rpc_train.config.errors import ConfigError, first_line
 from rpc_train.pipeline.partition import plan_stages, stage_bounds
 from rpc_train.serve.dispatch import Dispatcher
+from rpc_train.serve.kv_cache import WARM_UP, decode_on_stage
 from rpc_train.serve.replica import infer_on_stage
 from rpc_train.serve.repository import READY, UNAVAILABLE, Repository, Version
-from rpc_train.serve.source import CONFIG_FILE, MODEL_FILE, ServedModel, build_served, read_weights, served_model
+from rpc_train.serve.source import (CONFIG_FILE, MODEL_FILE, ServedModel, build_served, read_weights, sample_input,
+                                    served_model)
 from rpc_train.serve.tensors import BadRequest, ServeError
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,7 @@ class Rollout:
         if self.conf.stages == 1:
             return [None]
         layers = list(build_served(served, state))
-        sample = torch.zeros(1, *served.shape)
+        sample = sample_input(served)
         return stage_bounds(plan_stages(layers, self.conf.stages, self.balance, sample))
 
     def _load_on(self, replica, stage_rrefs, version: Version, state: dict, layers: List[Optional[range]]) -> None:
@@ -120,10 +122,15 @@ class Rollout:
             torch.futures.wait_all([
                 rref.rpc_async(timeout=self.timeout_s).load(version.key, version.served, _part(state, part), part)
                 for rref, part in zip(stage_rrefs, layers)])
-            warm_up = [torch.zeros(1, *t.dims, dtype=torch.int64 if t.datatype == "INT64" else torch.float32)
-                       for t in version.spec.inputs]
-            rpc.rpc_sync(replica.workers[0], infer_on_stage,
-                         args=(replica.replica, 0, version.key, tuple(warm_up)), timeout=self.timeout_s)
+            if version.spec.decoupled:  # a text generator: one decode step of one byte through every stage
+                rpc.rpc_sync(replica.workers[0], decode_on_stage, timeout=self.timeout_s,
+                             args=(replica.replica, 0, version.key, [(WARM_UP, torch.zeros(1, 1, dtype=torch.int64), 0)],
+                                   [WARM_UP]))
+            else:
+                warm_up = [torch.zeros(1, *t.dims, dtype=torch.int64 if t.datatype == "INT64" else torch.float32)
+                           for t in version.spec.inputs]
+                rpc.rpc_sync(replica.workers[0], infer_on_stage,
+                             args=(replica.replica, 0, version.key, tuple(warm_up)), timeout=self.timeout_s)
             loaded = True
         finally:
             self.dispatcher.resume(replica, version.key if loaded else None)

@@ -128,7 +128,9 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype, "shape": [-1, *self.dims]}
 
     def config(self) -> dict:
-        return {"name": self.name, "data_type": f"TYPE_{self.datatype}", "dims": list(self.dims)}
+        # ModelConfig's enum names BYTES TYPE_STRING, as Triton's model_config.proto does.
+        kind = "STRING" if self.datatype == "BYTES" else self.datatype
+        return {"name": self.name, "data_type": f"TYPE_{kind}", "dims": list(self.dims)}
 
 
 def output_tensor(spec: TensorSpec, array: np.ndarray) -> Tensor:
