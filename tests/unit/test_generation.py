@@ -70,6 +70,11 @@ def test_the_cli_prints_the_prompt_and_its_continuation(run):
     assert text.startswith(b"def ") and len(text) == 16
     assert text == generate_text([f"serve.run={run}", "generate.prompt=def ", "generate.max_tokens=12",
                                   "generate.seed=1", "generate.kv_cache=false"])
+
+
+@pytest.mark.slow
+def test_the_cli_as_a_process_prints_the_same_text(run):
+    text = generate_text([f"serve.run={run}", "generate.prompt=def ", "generate.max_tokens=12", "generate.seed=1"])
     done = subprocess.run([sys.executable, "-m", "rpc_train.generate", f"serve.run={run}", "generate.prompt=def ",
                            "generate.max_tokens=12", "generate.seed=1"], cwd=REPO, capture_output=True, timeout=50)
     assert done.returncode == 0, done.stderr[-2000:]
