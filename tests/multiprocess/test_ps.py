@@ -172,6 +172,7 @@ def _wait_for_pid(log_file, deadline: float) -> int:
     raise TimeoutError(f"no trainer pid in {log_file}")
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_the_job_before_any_server_steps_on_it(tmp_path):
     # lr=1e6 sends this MLP's loss to NaN at step 3, every time.
     result = launch(PS + ["optim.lr=1e6"], tmp_path / "run", NPROC="4")

@@ -302,6 +302,7 @@ def _expire(stub):
     return err.value.code(), err.value.details()
 
 
+@pytest.mark.slow  # the quick suite drains through test_serve_lifecycle's every-process case
 def test_sigterm_drains_answers_everything_and_exits_0(trained, tmp_path):
     # Served from a directory whose outputs/ holds the run: the newest run is found by itself.
     found = tmp_path / "outputs" / "2026-01-01" / "00-00-00-abcdef"

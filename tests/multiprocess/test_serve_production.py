@@ -37,6 +37,7 @@ def refused(call) -> str:
     return str(err.value)
 
 
+@pytest.mark.slow
 def test_tls_with_a_token_refuses_plaintext_and_wrong_tokens_and_keeps_health_open(trained, certs, tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
@@ -127,6 +128,7 @@ def sample(metrics: dict, name: str, **labels) -> float:
     return metrics.get((name, frozenset(labels.items())), 0.0)
 
 
+@pytest.mark.slow
 def test_the_cache_answers_repeats_without_a_replica_and_the_metrics_and_scalars_say_so(trained, tmp_path):
     args = ["serve.cache_size=8", "serve.log_every_s=1"]
     with ServingJob(trained, tmp_path / "run", args) as job:

@@ -48,6 +48,7 @@ def test_rowwise_adagrad_updates_only_the_rows_a_gradient_names():
     assert optimizer.state[weight]["sum"].tolist() == pytest.approx([0.0, 4.0, 0.0, 3.0])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_the_dlrm_preset_learns_its_synthetic_clicks_in_one_process():
     torch.set_num_threads(2)
