@@ -1,8 +1,8 @@
-"""`python -m rpc_train.generate serve.run=<run> generate.prompt="def "`: text from a trained GPT run.
+"""`python -m rpc_train.generate serve.run=<run> prompt="def "`: text from a trained GPT run.
 
 Hydra overrides, as `./launch.sh` takes them: `serve.run` names the run (default: the newest
 run under outputs/), `generate.*` the prompt and sampling (max_tokens, temperature, top_k,
-seed, kv_cache), `device` where it computes. One process, no RPC: the model is rebuilt from the
+seed, kv_cache; `prompt=` is short for `generate.prompt=`), `device` where it computes. One process, no RPC: the model is rebuilt from the
 run's own config and model.pt as mode=serve does, and each byte is printed as it is drawn.
 """
 
@@ -18,11 +18,15 @@ from rpc_train.config.errors import ConfigError
 
 
 PROMPT = "generate.prompt="
+SHORT_PROMPT = "prompt="
 
 
 def literal_prompt(arg: str) -> str:
     """`generate.prompt=def ` as Hydra keeps it whole: quoted, so its spaces and any of Hydra's
-    special characters ( , [ ] = ) stay in the prompt; an already quoted value is left alone."""
+    special characters ( , [ ] = ) stay in the prompt; an already quoted value is left alone.
+    `prompt=...` (the config has no top-level key of that name) is `generate.prompt=...`."""
+    if arg.startswith(SHORT_PROMPT):
+        arg = "generate." + arg
     if not arg.startswith(PROMPT):
         return arg
     value = arg[len(PROMPT):]

@@ -53,6 +53,10 @@ class DocCommand:
                 args.pop(0)
             elif arg not in LAUNCH_FLAGS and not arg.startswith(("--cfg=", "--info=")):
                 out.append(arg)
+        if self.module == "rpc_train.generate":  # its own short forms (prompt=...) become overrides
+            from rpc_train.generate import literal_prompt
+
+            out = [literal_prompt(arg) for arg in out]
         return out
 
     @property

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(120)
     ([], {"NPROC": "1"}, "NPROC"),
     ([], {"NPROC": "two"}, "NPROC=two"),
     (["pipeline.micro_batches=12", "trainer.batch_size=8"], {}, "trainer.batch_size=8"),
-    (["model=transformer"], {}, "model=transformer is not a known model; choose one of: convnet, dlrm, mlp"),
+    (["model=transformer"], {}, "model=transformer is not a known model; choose one of: convnet, dlrm, gpt, mlp"),
     (["pipeline.micro_batch=4"], {}, "pipeline.micro_batch is not a setting"),
     (["trainer.epochs=two"], {}, "trainer.epochs=two"),
     (["data=mnist", "data.root=/nonexistent"], {}, "data.download=true"),

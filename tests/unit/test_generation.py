@@ -70,6 +70,8 @@ def test_the_cli_prints_the_prompt_and_its_continuation(run):
     assert text.startswith(b"def ") and len(text) == 16
     assert text == generate_text([f"serve.run={run}", "generate.prompt=def ", "generate.max_tokens=12",
                                   "generate.seed=1", "generate.kv_cache=false"])
+    # The spelling, `prompt=`, is the same option.
+    assert text == generate_text([f"serve.run={run}", "prompt=def ", "generate.max_tokens=12", "generate.seed=1"])
 
 
 @pytest.mark.slow
