@@ -52,6 +52,10 @@ def socket_inodes(pid: int) -> Set[int]:
     return inodes
 
 
+# torchrun's agent, and the serving job's (rpc_train.serve.agent: torchrun that passes signals on).
+AGENTS = ("torch.distributed.run", "rpc_train.serve.agent")
+
+
 def job_processes(run_dir: Path) -> Dict[int, Tuple[str, Optional[int]]]:
     """pid -> (command line, MASTER_PORT) of every process of the launch whose run dir is `run_dir`."""
     wanted = f"RUN_DIR={run_dir}".encode()
@@ -93,7 +97,7 @@ class ListenWatch:
             for pid, (cmdline, master_port) in job_processes(self.run_dir).items():
                 for inode in socket_inodes(pid) & set(listeners):
                     host, port = listeners[inode]
-                    store = "torch.distributed.run" in cmdline or port == master_port
+                    store = any(agent in cmdline for agent in AGENTS) or port == master_port
                     self.seen.add((cmdline, host, port, store))
             time.sleep(self.every_s)
 
