@@ -52,7 +52,7 @@ def test_a_single_machine_job_listens_on_loopback_only(tmp_path, request, mode):
     args = list(args)
     if mode == "serve":
         args += [f"serve.run={request.getfixturevalue('trained')}", f"serve.port={free_service_port()}",
-                 f"serve.metrics_port={free_service_port()}"]
+                 f"serve.metrics_port={free_service_port()}", f"serve.http_port={free_service_port()}"]
     if mode == "predict":
         root, run = tmp_path / "images", tmp_path / "trained"
         write_imagefolder(str(root), classes=3, per_class=8, size=(20, 16))
