@@ -106,11 +106,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m rpc_train.bench.rpc", description=__doc__.splitlines()[0])
     p.add_argument("--sizes-mb", default="1,4,16,64", help="comma-separated tensor sizes")
     p.add_argument("--repeats", type=int, default=200, help="round trips timed for the latency row")
+    p.add_argument("--override", action="append", default=[],
+                   help="Hydra override for both processes, e.g. runtime.transports=[shm,uv] (repeatable)")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes_mb.split(",")]
-    cfg = compose(["runtime.threads=1"])
+    cfg = compose(["runtime.threads=1", *args.override])
     rows = run_in_local_world(cfg, 2, measure, args=(sizes, args.repeats), timeout_s=600)
-    print(f"torch {torch.__version__}, 2 processes on this machine, medians\n{format_rows(rows)}")
+    print(f"torch {torch.__version__}, 2 processes on this machine, medians"
+          + (f", {' '.join(args.override)}" if args.override else "") + f"\n{format_rows(rows)}")
 
 
 if __name__ == "__main__":
