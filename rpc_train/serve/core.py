@@ -14,10 +14,12 @@ step beside the others: ModelInfer gets the whole text, ModelStreamInfer (`strea
 as it is drawn.
 """
 
+import asyncio
 import logging
 import threading
 import time
-from dataclasses import replace
+from concurrent.futures import Executor
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional
 
 import grpc
@@ -25,12 +27,12 @@ import grpc
 import rpc_train
 from rpc_train.serve.admission import arrived
 from rpc_train.serve.cache import ResponseCache
-from rpc_train.serve.dispatch import Dispatcher, Refused
+from rpc_train.serve.dispatch import Dispatcher, Pending, Refused
 from rpc_train.serve.generation import GenerationScheduler
 from rpc_train.serve.observe import ServeMetrics
 from rpc_train.serve.repository import Repository, Version
 from rpc_train.serve.rollout import Rollout
-from rpc_train.serve.spec import InferReply, InferRequest
+from rpc_train.serve.spec import InferReply, InferRequest, ModelSpec
 from rpc_train.serve.statistics import RequestTimes
 from rpc_train.serve.tensors import BadRequest, ServeError
 
@@ -130,7 +132,34 @@ class ServingCore:
                 _, tokens, spec, shape = self._generation(request, times)
                 reply = spec.text_reply(request, bytes(tokens), shape, {"generated_tokens": tokens.sequence.made})
             else:
-                reply = self._infer(request, times)
+                call = self._begin(request, times, started)
+                if call.reply is None:
+                    call.wait()
+                reply = self._end(call, times)
+        except Exception as err:  # noqa: BLE001 - counted, and our own bugs said so
+            raise self._failed(err, started, times) from err
+        finally:
+            self._leave()
+        self._count("OK", started, times)
+        return reply
+
+    async def infer_async(self, request: InferRequest, executor: Executor) -> InferReply:
+        """`infer` for a caller on an asyncio event loop (the HTTP door): the loop is woken when
+        the rows are answered, so no thread waits for them, and the call costs no thread
+        handoff. A text generator's request runs on `executor`'s threads: it waits step by step."""
+        if self._decoupled(request):
+            return await asyncio.get_running_loop().run_in_executor(executor, self.infer, request)
+        started, times = time.monotonic(), RequestTimes()
+        self._enter()
+        try:
+            loop, answered = asyncio.get_running_loop(), asyncio.Event()
+            call = self._begin(request, times, started, lambda: loop.call_soon_threadsafe(answered.set))
+            if call.reply is None:
+                try:
+                    await asyncio.wait_for(answered.wait(), timeout=call.seconds_left())
+                except asyncio.TimeoutError:
+                    call.give_up()
+            reply = self._end(call, times)
         except Exception as err:  # noqa: BLE001 - counted, and our own bugs said so
             raise self._failed(err, started, times) from err
         finally:
@@ -221,8 +250,10 @@ class ServingCore:
         with self._active_lock:
             return self._active == 0
 
-    def _infer(self, request: InferRequest, times: RequestTimes) -> InferReply:
-        """The reply; `times` says where the time went as it goes (queue: None from the cache)."""
+    def _begin(self, request: InferRequest, times: RequestTimes, arrived_at: float,
+               notify: Callable[[], None] = lambda: None) -> "InferCall":
+        """The request checked and queued, or answered from the cache (`InferCall.reply`);
+        `notify()` once its rows are answered. `times` says where the time goes as it goes."""
         if self.draining:
             raise Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")
         asked = request
@@ -243,30 +274,57 @@ class ServingCore:
             self.metrics.cache_lookup(answer is not None)
             if answer is not None:
                 times.cache_hit = time.monotonic() - began
-                return spec.reply(request, answer, {"cache_hit": True})
+                return InferCall(request, spec, reply=spec.reply(request, answer, {"cache_hit": True}))
             times.cache_miss = time.monotonic() - began
         try:
-            pending = self.dispatcher.submit(version.key, rows, request.deadline)
+            pending = self.dispatcher.submit(version.key, rows, request.deadline, notify, arrived_at)
         except Refused as err:
             if asked.version or err.code != grpc.StatusCode.NOT_FOUND:
                 raise
             # The default version was unloaded between its choice and the queue: a newer one is the default now.
-            return self._infer(asked, times)
-        deadline = request.deadline
-        if not pending.done.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic())):
-            pending.abandoned = True  # the batcher drops it if it is still queued
-            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the answer")
+            return self._begin(asked, times, arrived_at, notify)
+        return InferCall(request, spec, pending, key)
+
+    def _end(self, call: "InferCall", times: RequestTimes) -> InferReply:
+        """The reply to an answered call (`_begin`'s)."""
+        if call.reply is not None:
+            return call.reply
+        pending = call.pending
         if pending.error is not None:
             raise pending.error
-        if key is not None:
+        if call.cache_key is not None:
             began = time.monotonic()
-            self.cache.put(key, pending.logits)
+            self.cache.put(call.cache_key, pending.logits)
             times.cache_miss += time.monotonic() - began
         times.queue, times.compute_infer = pending.sent - pending.enqueued, pending.compute_s
         began = time.monotonic()
-        reply = spec.reply(request, pending.logits, {"batch_rows": pending.batch_rows})
+        reply = call.spec.reply(call.request, pending.logits, {"batch_rows": pending.batch_rows})
         times.compute_output = time.monotonic() - began
         return reply
+
+
+@dataclass
+class InferCall:
+    """A request between `_begin` and `_end`: queued (`pending`), or answered already (`reply`)."""
+
+    request: InferRequest
+    spec: ModelSpec
+    pending: Optional[Pending] = None
+    cache_key: Optional[bytes] = None
+    reply: Optional[InferReply] = None
+
+    def seconds_left(self) -> Optional[float]:
+        deadline = self.request.deadline
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def wait(self) -> None:
+        """Block until the rows are answered, or give up at the deadline."""
+        if not self.pending.done.wait(timeout=self.seconds_left()):
+            self.give_up()
+
+    def give_up(self) -> None:
+        self.pending.abandoned = True  # the batcher drops it if it is still queued
+        raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the answer")
 
 
 class ReplyStream:

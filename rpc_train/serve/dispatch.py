@@ -67,7 +67,8 @@ class Pending:
     compute_s: Optional[float] = None  # its batch's time on the replica that answered
     error: Optional[Refused] = None
     abandoned: bool = False  # its caller stopped waiting: never compute it
-    on_finish: Callable[[], None] = lambda: None
+    on_finish: Callable[[], None] = lambda: None  # the dispatcher's bookkeeping
+    notify: Callable[[], None] = lambda: None  # then the caller's, e.g. to wake an event loop
     retried: bool = False  # back in the queue once after a replica failed with it
 
     def finish(self, logits: Optional[torch.Tensor] = None, batch_rows: int = 0,
@@ -79,6 +80,7 @@ class Pending:
             self.logits, self.batch_rows, self.error, self.compute_s = logits, batch_rows, error, compute_s
             self.done.set()
         self.on_finish()
+        self.notify()
 
     def __len__(self) -> int:
         return len(self.rows[0])
@@ -144,9 +146,13 @@ class Dispatcher:
     def loaded_anywhere(self, key: Key) -> bool:
         return any(key in r.loaded for r in self.replicas if r.in_rotation)
 
-    def submit(self, key: Key, rows: Tuple[torch.Tensor, ...], deadline: Optional[float]) -> Pending:
-        # Its queue time counts from the call's arrival in gRPC's pool (admission.py).
-        pending = Pending(key, tuple(rows), deadline, enqueued=arrived(), on_finish=self._answered_one)
+    def submit(self, key: Key, rows: Tuple[torch.Tensor, ...], deadline: Optional[float],
+               notify: Callable[[], None] = lambda: None, arrived_at: Optional[float] = None) -> Pending:
+        """Queue `rows`; `notify()` is called, on whichever thread answers, once it is answered.
+        Its queue time counts from `arrived_at`, by default the call's arrival in gRPC's pool
+        (admission.py)."""
+        pending = Pending(key, tuple(rows), deadline, enqueued=arrived_at or arrived(), on_finish=self._answered_one,
+                          notify=notify)
         with self._cv:
             if not self._accepting:
                 raise Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry on another")

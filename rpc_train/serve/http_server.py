@@ -89,7 +89,7 @@ class ProtocolRoutes:
     async def infer(self, request):
         body = await request.read()
         call = http_codec.request_of(body, request.headers.get(http_codec.HEADER_LENGTH), *_model(request))
-        reply = await self._call(self.core.infer, call.request)
+        reply = await self.core.infer_async(call.request, self.executor)
         body, headers = http_codec.reply_body(reply, call)
         return web.Response(body=body, headers=headers)
 
