@@ -58,6 +58,27 @@ def test_every_malformed_request_names_what_is_wrong(change, code, needle):
     assert err.value.code == code and needle in err.value.message and "\n" not in err.value.message
 
 
+def test_a_rate_limited_log_writes_one_line_a_window_and_then_says_how_many_it_held_back():
+    import logging
+
+    from rpc_train.serve.ratelimit import RateLimitedLog
+
+    lines, now = [], [0.0]
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("test_rate_limited_log")
+    logger.addHandler(Recorder())
+    limited = RateLimitedLog(logger, every_s=60, clock=lambda: now[0])
+    written = [limited.log(logging.WARNING, "bad request: %s", i) for i in range(1000)]
+    now[0] = 61.0
+    written.append(limited.log(logging.WARNING, "bad request: %s", "%s"))  # the client's text is an argument
+    assert written == [True] + [False] * 999 + [True]
+    assert lines == ["bad request: 0", "bad request: %s (999 more like it since the last such line were not logged)"]
+
+
 def test_routing_policies_pick_among_the_ready_replicas():
     loads = [ReplicaLoad(0, rows_in_flight=5), ReplicaLoad(1, rows_in_flight=1), ReplicaLoad(2, rows_in_flight=3)]
     assert POLICIES["least_loaded"]()(loads).replica == 1
