@@ -79,6 +79,29 @@ def test_a_rate_limited_log_writes_one_line_a_window_and_then_says_how_many_it_h
     assert lines == ["bad request: 0", "bad request: %s (999 more like it since the last such line were not logged)"]
 
 
+def test_an_error_message_is_one_line_of_at_most_a_kilobyte_whatever_the_client_sent():
+    from rpc_train.serve.tensors import MESSAGE_CHARS, invalid
+
+    message = invalid(f"input '{'n' * 20_000}\r\nX-Injected: yes' is not served").message
+    assert "\n" not in message and "\r" not in message and len(message) < MESSAGE_CHARS + 40
+    assert message.endswith("more characters)")
+
+
+def test_http_timeouts_that_cannot_be_timed_are_refused_or_mean_no_deadline():
+    import json
+
+    from rpc_train.serve import http_codec
+
+    def timeout(value):
+        document = {"inputs": [], "parameters": {"timeout": value}}
+        return http_codec.request_of(json.dumps(document).encode(), None, "mlp").request.deadline
+
+    assert timeout(1e300) is None and timeout(5e6) > 0
+    for bad in (float("inf"), float("nan"), -1, "10", True):
+        with pytest.raises(BadRequest, match="expected a positive number of microseconds"):
+            timeout(bad)
+
+
 def test_routing_policies_pick_among_the_ready_replicas():
     loads = [ReplicaLoad(0, rows_in_flight=5), ReplicaLoad(1, rows_in_flight=1), ReplicaLoad(2, rows_in_flight=3)]
     assert POLICIES["least_loaded"]()(loads).replica == 1
