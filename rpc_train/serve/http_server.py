@@ -4,8 +4,10 @@ and /metrics behind the same TLS and token.
 Each route translates (`http_codec.py`) and maps a `ServeError`'s code to Triton's HTTP status;
 every answer comes from the core (`core.py`), whose calls block, so they run in a pool of
 serve.threads threads. aiohttp serves in a thread with its own event loop (`HttpServer`),
-started and stopped by the driver next to the gRPC server. Errors are `{"error": "..."}`; our own
-bug is a 500 whose traceback is logged at most once every BUG_LOG_EVERY_S seconds.
+started and stopped by the driver next to the gRPC server. Errors are `{"error": "..."}`. A body
+the door cannot read (not JSON, not laid out as the protocol says) is a 400 counted in
+rpc_train_serve_malformed_requests_total{door="http"}; our own bug is a 500 whose traceback is
+logged at most once every BUG_LOG_EVERY_S seconds.
 """
 
 import asyncio
@@ -89,15 +91,23 @@ class ProtocolRoutes:
         name, version = _model(request) if "model" in request.match_info else ("", "")
         return web.json_response(await self._call(self.core.model_statistics, name, version))
 
+    def _read(self, decode: Callable, *args):
+        """`decode(*args)`; a body the door cannot read is counted as malformed, and its error raised."""
+        try:
+            return decode(*args)
+        except ServeError as err:
+            self.core.metrics.malformed_request("http", err.message)
+            raise
+
     async def infer(self, request):
         body = await request.read()
-        call = http_codec.request_of(body, request.headers.get(http_codec.HEADER_LENGTH), *_model(request))
+        call = self._read(http_codec.request_of, body, request.headers.get(http_codec.HEADER_LENGTH), *_model(request))
         reply = await self._call(self.core.infer, call.request)
         body, headers = http_codec.reply_body(reply, call)
         return web.Response(body=body, headers=headers)
 
     async def repository_index(self, request):
-        document = http_codec.json_body(await request.read())
+        document = self._read(http_codec.json_body, await request.read())
         return web.json_response(await self._call(self.core.repository_index, bool(document.get("ready", False))))
 
     async def load(self, request):
@@ -107,7 +117,7 @@ class ProtocolRoutes:
         return await self._repository(request, self.core.unload)
 
     async def _repository(self, request, method):
-        document = http_codec.json_body(await request.read())
+        document = self._read(http_codec.json_body, await request.read())
         await self._call(method, request.match_info["model"], document.get("parameters") or {})
         return web.Response()
 

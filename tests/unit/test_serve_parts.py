@@ -58,6 +58,27 @@ def test_every_malformed_request_names_what_is_wrong(change, code, needle):
     assert err.value.code == code and needle in err.value.message and "\n" not in err.value.message
 
 
+def test_bytes_protobuf_cannot_parse_reach_the_servicer_as_undecodable_not_grpcs_traceback():
+    from types import SimpleNamespace
+
+    from rpc_train.serve.protocol import SERVICE, Undecodable, handler
+
+    class Servicer:  # every method answers its own name
+        def __getattr__(self, name):
+            return lambda request, context: name
+
+    service = handler(Servicer())
+    infer = service.service(SimpleNamespace(method=f"/{SERVICE}/ModelInfer", invocation_metadata=()))
+    junk = infer.request_deserializer(b"\x07junk")
+    assert isinstance(junk, Undecodable) and "ModelInfer" in junk.message and "5 bytes" in junk.message
+    assert infer.unary_unary(junk, None) == "undecodable"
+    valid = request(np.zeros((1, 1, 8, 8), np.float32))
+    assert infer.request_deserializer(valid.SerializeToString()) == valid
+    assert infer.unary_unary(valid, None) == "ModelInfer"
+    stream = service.service(SimpleNamespace(method=f"/{SERVICE}/ModelStreamInfer", invocation_metadata=()))
+    assert isinstance(stream.request_deserializer(b"\x07junk"), Undecodable)  # answered on the stream
+
+
 def test_a_rate_limited_log_writes_one_line_a_window_and_then_says_how_many_it_held_back():
     import logging
 
