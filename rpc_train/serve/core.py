@@ -30,6 +30,7 @@ from rpc_train.serve.cache import ResponseCache
 from rpc_train.serve.dispatch import Dispatcher, Pending, Refused
 from rpc_train.serve.generation import GenerationScheduler
 from rpc_train.serve.observe import ServeMetrics
+from rpc_train.serve.ratelimit import RateLimitedLog
 from rpc_train.serve.repository import Repository, Version
 from rpc_train.serve.rollout import Rollout
 from rpc_train.serve.spec import InferReply, InferRequest, ModelSpec
@@ -37,6 +38,8 @@ from rpc_train.serve.statistics import RequestTimes
 from rpc_train.serve.tensors import BadRequest, ServeError
 
 log = logging.getLogger(__name__)
+BUG_LOG_EVERY_S = 60.0  # our own bug may fail every request: its traceback once, then once a minute
+bugs = RateLimitedLog(log, BUG_LOG_EVERY_S)
 
 EXTENSIONS = ["model_configuration", "statistics", "binary_tensor_data", "model_repository"]
 
@@ -226,7 +229,7 @@ class ServingCore:
         if isinstance(err, ServeError):
             self._count(err.code.name, started, times)
             return err
-        log.error("ModelInfer failed", exc_info=err)  # our own bug: say so, keep serving the others
+        bugs.log(logging.ERROR, "ModelInfer failed", exc_info=err)  # our own bug: say so, keep serving the others
         self._count(grpc.StatusCode.INTERNAL.name, started, times)
         return ServeError(grpc.StatusCode.INTERNAL, "the server failed on this request (its log says why)")
 

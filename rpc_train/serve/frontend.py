@@ -3,7 +3,9 @@
 Each method translates its message for the core (`core.py`) and the core's answer or
 `ServeError` back: the status codes keep gRPC's meanings (INVALID_ARGUMENT for a bad request,
 NOT_FOUND for another model, RESOURCE_EXHAUSTED for a full queue, UNAVAILABLE while not ready
-or draining, DEADLINE_EXCEEDED; INTERNAL only for our own bugs).
+or draining, DEADLINE_EXCEEDED; INTERNAL only for our own bugs). A message the door cannot read
+(bytes protobuf cannot parse, `protocol.Undecodable`; raw contents not one per input) is
+INVALID_ARGUMENT too, and counted in rpc_train_serve_malformed_requests_total{door="grpc"}.
 """
 
 import logging
@@ -16,9 +18,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rpc_train.serve.admission import CallPool, max_calls
 from rpc_train.serve.codec import message_of, reply_message, parameters_of, request_of
 from rpc_train.serve.core import ServingCore
-from rpc_train.serve.protocol import SERVICE, handler, pb
+from rpc_train.serve.protocol import SERVICE, Undecodable, handler, pb
 from rpc_train.serve.security import TokenAuth, server_credentials
-from rpc_train.serve.tensors import ServeError
+from rpc_train.serve.spec import InferRequest
+from rpc_train.serve.tensors import BadRequest, ServeError, invalid
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,8 @@ class InferenceService:
         return message_of(document, pb.ModelMetadataResponse)
 
     def ModelInfer(self, request, context):
-        return reply_message(_answer(context, self.core.infer, request_of_call(request, context)))
+        call = _answer(context, self._read, request, context)
+        return reply_message(_answer(context, self.core.infer, call))
 
     def ModelStreamInfer(self, requests, context) -> Iterator:
         """Each request on the stream is answered on it, in order; an error is that request's
@@ -57,7 +61,7 @@ class InferenceService:
         closing (or the client going) cancels its generation, whose KV caches are then freed."""
         for request in requests:
             try:
-                replies = self.core.stream(request_of(request, _deadline(context)))
+                replies = self.core.stream(self._read(request, context))
                 context.add_callback(replies.cancel)  # the call ended: cancelled, or the client gone
                 for reply in replies:
                     yield pb.ModelStreamInferResponse(infer_response=reply_message(reply))
@@ -84,13 +88,21 @@ class InferenceService:
         _answer(context, self.core.unload, request.model_name, parameters_of(request.parameters))
         return pb.RepositoryModelUnloadResponse()
 
+    def undecodable(self, request: Undecodable, context):
+        """Any unary method's request whose bytes protobuf cannot parse (`protocol.handler`)."""
+        self.core.metrics.malformed_request("grpc", request.message)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
-def request_of_call(message, context):
-    """The core's request, with the client's deadline; a malformed message is the client's error."""
-    try:
-        return request_of(message, _deadline(context))
-    except ServeError as err:
-        context.abort(err.code, err.message)
+    def _read(self, message, context) -> InferRequest:
+        """The core's request, with the client's deadline; a message the door cannot read is
+        counted as malformed, and its error raised."""
+        try:
+            if message.__class__ is Undecodable:  # on a stream; a unary call's went to `undecodable`
+                raise invalid(message.message)
+            return request_of(message, _deadline(context))
+        except BadRequest as err:
+            self.core.metrics.malformed_request("grpc", err.message)
+            raise
 
 
 def _answer(context, method, *args):

@@ -14,6 +14,7 @@ core's (`ModelSpec.rows`), so a request is refused with the same words through e
 """
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -26,6 +27,7 @@ from rpc_train.serve.tensors import NUMPY_TYPES, Tensor, invalid, unpack_bytes
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
+NO_DEADLINE_S = 10 ** 6
 
 
 @dataclass
@@ -50,6 +52,8 @@ def request_of(body: bytes, header_length: Optional[str], model: str, version: s
     for i, tensor in enumerate(_list(document.get("inputs"), "inputs")):
         tensor = _object(tensor, f"inputs[{i}]")
         name, datatype, shape = tensor.get("name", ""), tensor.get("datatype", ""), tensor.get("shape")
+        _string(name, f"inputs[{i}] name")
+        _string(datatype, f"input '{name}' datatype")
         if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
             raise invalid(f"input '{name}' shape {shape!r}: expected a list of integers")
         size = _object(tensor.get("parameters"), f"input '{name}' parameters").get("binary_data_size")
@@ -57,18 +61,20 @@ def request_of(body: bytes, header_length: Optional[str], model: str, version: s
             data = tensor.get("data", [])
             if not isinstance(data, list):
                 raise invalid(f"input '{name}' data {data!r}: expected a list of values (nested by row or flat)")
-            inputs.append(Tensor(name, str(datatype), shape, values=data, source="data"))
+            inputs.append(Tensor(name, datatype, shape, values=data, source="data"))
             continue
         if not isinstance(size, int) or size < 0 or offset + size > len(binary):
             raise invalid(f"input '{name}' binary_data_size={size!r}: the body holds {len(binary) - offset} "
                           "more bytes after the JSON header")
-        inputs.append(Tensor(name, str(datatype), shape, raw=bytes(binary[offset:offset + size]),
+        inputs.append(Tensor(name, datatype, shape, raw=bytes(binary[offset:offset + size]),
                              source="binary data"))
         offset += size
     if offset != len(binary):
         raise invalid(f"the body has {len(binary)} bytes after its JSON header; the inputs' binary_data_size "
                       f"add up to {offset}")
     outputs = [_object(o, f"outputs[{i}]") for i, o in enumerate(_list(document.get("outputs", []), "outputs"))]
+    for i, output in enumerate(outputs):
+        _string(output.get("name", ""), f"outputs[{i}] name")
     binary_of = {o.get("name", ""): bool(o["parameters"]["binary_data"]) for o in outputs
                  if isinstance(o.get("parameters"), dict) and "binary_data" in o["parameters"]}
     request = InferRequest(model=model, version=version, inputs=inputs, outputs=[o.get("name", "") for o in outputs],
@@ -122,6 +128,8 @@ def _header_length(header: Optional[str], total: int) -> int:
 def _document(text: bytes) -> dict:
     try:
         document = json.loads(text)
+    except RecursionError as err:
+        raise invalid("the request's JSON is nested too deep to read; send the protocol's JSON") from err
     except (UnicodeDecodeError, ValueError) as err:
         raise invalid(f"the request is not JSON ({err}); send the protocol's JSON, with "
                       f"{HEADER_LENGTH} if binary tensor data follows it") from err
@@ -136,6 +144,12 @@ def _object(value, what: str) -> dict:
     return value
 
 
+def _string(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise invalid(f"{what}: expected a JSON string, got {type(value).__name__}")
+    return value
+
+
 def _list(value, what: str) -> list:
     if not isinstance(value, list):
         raise invalid(f"{what}: expected a JSON list, got {type(value).__name__}")
@@ -143,9 +157,10 @@ def _list(value, what: str) -> list:
 
 
 def _deadline(timeout_us) -> Optional[float]:
-    """The request parameter `timeout` (microseconds, as tritonclient.http sends it) as a deadline."""
+    """The request parameter `timeout` (microseconds, as tritonclient.http sends it) as a deadline;
+    none past NO_DEADLINE_S, as on gRPC (a wait that long cannot be timed)."""
     if timeout_us is None:
         return None
-    if not isinstance(timeout_us, (int, float)) or timeout_us <= 0:
+    if isinstance(timeout_us, bool) or not isinstance(timeout_us, (int, float)) or not 0 < timeout_us < math.inf:
         raise invalid(f"parameter timeout={timeout_us!r}: expected a positive number of microseconds")
-    return time.monotonic() + timeout_us / 1e6
+    return None if timeout_us / 1e6 > NO_DEADLINE_S else time.monotonic() + timeout_us / 1e6

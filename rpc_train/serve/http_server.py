@@ -3,8 +3,11 @@ and /metrics behind the same TLS and token.
 
 Each route translates (`http_codec.py`) and maps a `ServeError`'s code to Triton's HTTP status;
 every answer comes from the core (`core.py`), whose calls block, so they run in a pool of
-serve.threads threads. aiohttp serves in a thread with its own event loop (`HttpServer`),
-started and stopped by the driver next to the gRPC server. Errors are `{"error": "..."}`.
+serve.threads threads; an inference instead awaits its answer on the loop (`infer_async`). aiohttp serves in a thread with its own event loop (`HttpServer`),
+started and stopped by the driver next to the gRPC server. Errors are `{"error": "..."}`. A body
+the door cannot read (not JSON, not laid out as the protocol says) is a 400 counted in
+rpc_train_serve_malformed_requests_total{door="http"}; our own bug is a 500 whose traceback is
+logged at most once every BUG_LOG_EVERY_S seconds.
 """
 
 import asyncio
@@ -18,11 +21,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from rpc_train.serve import http_codec
-from rpc_train.serve.core import ServingCore
+from rpc_train.serve.core import BUG_LOG_EVERY_S, ServingCore
+from rpc_train.serve.ratelimit import RateLimitedLog
 from rpc_train.serve.security import bearer, ssl_context, token_matches
 from rpc_train.serve.tensors import ServeError
 
 log = logging.getLogger(__name__)
+bugs = RateLimitedLog(log, BUG_LOG_EVERY_S)
 
 # gRPC's codes as Triton's HTTP server answers them.
 STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
@@ -86,15 +91,23 @@ class ProtocolRoutes:
         name, version = _model(request) if "model" in request.match_info else ("", "")
         return web.json_response(await self._call(self.core.model_statistics, name, version))
 
+    def _read(self, decode: Callable, *args):
+        """`decode(*args)`; a body the door cannot read is counted as malformed, and its error raised."""
+        try:
+            return decode(*args)
+        except ServeError as err:
+            self.core.metrics.malformed_request("http", err.message)
+            raise
+
     async def infer(self, request):
         body = await request.read()
-        call = http_codec.request_of(body, request.headers.get(http_codec.HEADER_LENGTH), *_model(request))
+        call = self._read(http_codec.request_of, body, request.headers.get(http_codec.HEADER_LENGTH), *_model(request))
         reply = await self.core.infer_async(call.request, self.executor)
         body, headers = http_codec.reply_body(reply, call)
         return web.Response(body=body, headers=headers)
 
     async def repository_index(self, request):
-        document = http_codec.json_body(await request.read())
+        document = self._read(http_codec.json_body, await request.read())
         return web.json_response(await self._call(self.core.repository_index, bool(document.get("ready", False))))
 
     async def load(self, request):
@@ -104,7 +117,7 @@ class ProtocolRoutes:
         return await self._repository(request, self.core.unload)
 
     async def _repository(self, request, method):
-        document = http_codec.json_body(await request.read())
+        document = self._read(http_codec.json_body, await request.read())
         await self._call(method, request.match_info["model"], document.get("parameters") or {})
         return web.Response()
 
@@ -115,7 +128,8 @@ def _model(request) -> tuple:
 
 @web.middleware
 async def protocol_errors(request, handler):
-    """A ServeError as its HTTP status; aiohttp's own refusals (no such route, too large) as JSON too."""
+    """A ServeError as its HTTP status; aiohttp's own refusals (no such route, too large) as JSON
+    too; anything else is our bug: a 500, and its traceback in the log (rate-limited)."""
     try:
         return await handler(request)
     except ServeError as err:
@@ -127,6 +141,9 @@ async def protocol_errors(request, handler):
             return error(err.status, f"{request.method} {request.path}: not a route of the Open Inference "
                                      "Protocol served here")
         return error(err.status, err.text or err.reason)
+    except Exception as err:  # noqa: BLE001 - our own bug: say so, keep serving the others
+        bugs.log(logging.ERROR, "%s %s failed", request.method, request.path, exc_info=err)
+        return error(500, "the server failed on this request (its log says why)")
 
 
 def token_check(expected: bytes, open_paths=()) -> Callable:

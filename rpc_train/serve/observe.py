@@ -4,9 +4,12 @@ Metrics live in a registry of their own, served over HTTP on serve.host:serve.me
 (`http_server.start_metrics`, with the protocol's TLS and token when those are set):
 requests and errors by status code, latency and queue-time histograms, the batch-size
 histogram, rows sent to each replica and rows in flight there, replicas in rotation, cache hits
-and misses. `window()` turns what happened since its last call into the TensorBoard scalars.
+and misses, and the malformed requests each door could not read (those also get a line in the
+log, at most one every MALFORMED_LOG_EVERY_S seconds: a flood of them costs no more).
+`window()` turns what happened since its last call into the TensorBoard scalars.
 """
 
+import logging
 import statistics
 import threading
 import time
@@ -14,7 +17,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from rpc_train.serve.ratelimit import RateLimitedLog
+
+log = logging.getLogger(__name__)
+
 PREFIX = "rpc_train_serve"
+DOORS = ("grpc", "http")
+MALFORMED_LOG_EVERY_S = 60.0
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -45,6 +54,12 @@ class ServeMetrics:
         self.cache_hits = Counter(f"{PREFIX}_cache_hits", "Requests answered from the cache", registry=registry)
         self.cache_misses = Counter(f"{PREFIX}_cache_misses", "Cache look-ups that found nothing",
                                     registry=registry)
+        self.malformed = Counter(f"{PREFIX}_malformed_requests", "Requests a door could not read as the protocol's "
+                                 "message (bytes that do not parse, a body not laid out as the protocol says), "
+                                 "by door", ["door"], registry=registry)
+        for door in DOORS:
+            self.malformed.labels(door=door)
+        self._malformed_log = RateLimitedLog(log, MALFORMED_LOG_EVERY_S)
         self._rows_in_flight, self._replicas = rows_in_flight, replicas
         self._lock = threading.Lock()
         self._reset_window()
@@ -83,6 +98,12 @@ class ServeMetrics:
         (self.cache_hits if hit else self.cache_misses).inc()
         with self._lock:
             self._hits, self._lookups = self._hits + hit, self._lookups + 1
+
+    def malformed_request(self, door: str, message: str) -> None:
+        """A request `door` could not read, refused with `message`: the client's fault, so a count
+        and at most one log line every MALFORMED_LOG_EVERY_S seconds, never a traceback."""
+        self.malformed.labels(door=door).inc()
+        self._malformed_log.log(logging.WARNING, "a malformed request on %s: %s", door, message)
 
     def window(self) -> Dict[str, float]:
         """The TensorBoard scalars of what happened since the last call."""

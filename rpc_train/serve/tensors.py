@@ -20,11 +20,18 @@ import grpc
 import numpy as np
 
 
+MESSAGE_CHARS = 1000  # gRPC clients refuse a status message over 16 KiB; ours quote the client's values
+
+
 class ServeError(Exception):
     """A request that gets a status other than OK; `code` keeps gRPC's meaning, and each door
-    maps it to its own status (HTTP: 400, 404, 429, 503, ...)."""
+    maps it to its own status (HTTP: 400, 404, 429, 503, ...). The message is one line, cut at
+    MESSAGE_CHARS: it quotes what the client sent, which may be long or hold line breaks."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
+        message = message.replace("\r", "\\r").replace("\n", "\\n")
+        if len(message) > MESSAGE_CHARS:
+            message = f"{message[:MESSAGE_CHARS]}... ({len(message) - MESSAGE_CHARS} more characters)"
         super().__init__(message)
         self.code, self.message = code, message
 
@@ -65,7 +72,7 @@ class Tensor:
                               f"of {self.datatype} needs {dtype.itemsize * count}")
             return np.frombuffer(self.raw, dtype=dtype).reshape(self.shape).copy()
         values = [] if self.values is None else self.values
-        flat = _flatten(values)
+        flat = _flatten(values, len(self.shape))
         if len(flat) != count:
             raise invalid(f"input '{self.name}' {self.source} holds {len(flat)} values; shape {self.shape} needs "
                           f"{count}")
@@ -80,7 +87,8 @@ class Tensor:
         if self.raw is not None:
             flat = unpack_bytes(self.raw, self.name, self.source)
         else:
-            flat = [v.encode() if isinstance(v, str) else v for v in _flatten([] if self.values is None else self.values)]
+            flat = [v.encode() if isinstance(v, str) else v
+                    for v in _flatten([] if self.values is None else self.values, len(self.shape))]
             if not all(isinstance(v, bytes) for v in flat):
                 raise invalid(f"input '{self.name}' {self.source}: values that are not BYTES (strings)")
         if len(flat) != count:
@@ -109,10 +117,12 @@ def unpack_bytes(raw: bytes, name: str = "", source: str = "raw") -> List[bytes]
     return out
 
 
-def _flatten(values: Sequence) -> list:
-    """JSON may nest the values by row ([[1, 2], [3, 4]]) or give them flat; both are the protocol's."""
-    if values and isinstance(values[0], (list, tuple)):
-        return [v for row in values for v in _flatten(row)]
+def _flatten(values: Sequence, depth: int) -> list:
+    """JSON may nest the values by row ([[1, 2], [3, 4]]) or give them flat; both are the protocol's.
+    Nested deeper than the shape's `depth` dimensions, the lists below are left as values (which
+    then fail the count or the datatype): a hostile nesting costs no deeper recursion."""
+    if depth > 1 and values and isinstance(values[0], (list, tuple)):
+        return [v for row in values for v in _flatten(row, depth - 1)]
     return list(values)
 
 

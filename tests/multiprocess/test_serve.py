@@ -22,6 +22,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from helpers.events import event_tags, hparams_of, read_scalars
 from helpers.launching import launch, ok
+from helpers.malformed import grpc_cases, http_cases, http_valid
 from helpers.serving import Load, ServingJob, curl, digits_rows, served_reference, triton_input
 
 pytestmark = pytest.mark.timeout(300)
@@ -175,6 +176,84 @@ def test_a_bad_request_gets_a_clear_status_and_the_server_goes_on(server, traine
         answer = client.infer("mlp", [http_input(rows)]).as_numpy("logits")
     assert got == code and needle in details, (got, details)
     np.testing.assert_allclose(answer, served_reference(trained, rows), rtol=0, atol=1e-5)
+
+
+MALFORMED = "rpc_train_serve_malformed_requests_total"
+
+
+def _raw_grpc(server):
+    """Bytes as they are to a method of the service: (status, details, the reply's bytes)."""
+    channel = grpc.insecure_channel(server.url)
+
+    def send(method: str, body: bytes):
+        try:
+            return grpc.StatusCode.OK, "", channel.unary_unary(f"/inference.GRPCInferenceService/{method}")(
+                body, timeout=30)
+        except grpc.RpcError as err:
+            return err.code(), err.details() or "", b""
+
+    return send
+
+
+def _raw_http(server, path: str, body: bytes, headers=None):
+    """A POST as it is: (status, the error's text or the reply's body)."""
+    request = urllib.request.Request(f"http://{server.http_url}{path}", data=body, headers=headers or {})
+    try:
+        return 200, urllib.request.urlopen(request, timeout=30).read()
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())["error"]
+
+
+def _infers(cases, valid: int) -> int:
+    """ModelInfer calls the core answers (and counts): the cases the door reads, and the valid ones."""
+    return valid + sum(not c.malformed and c.method in ("ModelInfer", "/v2/models/mlp/infer",
+                                                        "/v2/models/resnet/infer") for c in cases)
+
+
+def _stream_of_junk(server) -> int:
+    """One ModelStreamInfer stream: junk, a request, junk; each answered on the stream, in order."""
+    valid = request_of(digits_rows(2))
+    bodies = [b"\x07junk", valid.SerializeToString(), valid.SerializeToString()[:-3]]
+    stream = grpc.insecure_channel(server.url).stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+    replies = [service_pb2.ModelStreamInferResponse.FromString(r) for r in stream(iter(bodies), timeout=30)]
+    assert [bool(r.error_message) for r in replies] == [True, False, True], replies
+    assert all("\n" not in r.error_message for r in replies)
+    return 2
+
+
+@pytest.mark.parametrize("door", ["grpc", "http"])
+def test_malformed_and_hostile_requests_cost_a_status_and_a_count_never_a_traceback(server, door):
+    """Fuzzed bytes and hostile messages: each its status with one line, the server answering in
+    between, the malformed ones counted, and the log at most a few lines (issue #28)."""
+    log_before, before = server.log(), server.metrics()
+    cases, valid, wrong = (grpc_cases(28) if door == "grpc" else http_cases(28)), 0, []
+    send = _raw_grpc(server)
+    for i, case in enumerate(cases):
+        if door == "grpc":
+            status, message, _ = send(case.method, case.body)
+        else:
+            status, message = _raw_http(server, case.method, case.body, case.headers)
+        if status != case.status or not message or "\n" in message or len(message) > 1100:
+            wrong.append((case.what, status, message[:300]))
+        if i % 20 == 0:  # the server goes on answering
+            if door == "grpc":
+                status, _, reply = send("ModelInfer", request_of(digits_rows(2)).SerializeToString())
+                assert status == grpc.StatusCode.OK and service_pb2.ModelInferResponse.FromString(reply).outputs
+            else:
+                status, reply = _raw_http(server, "/v2/models/mlp/infer", json.dumps(http_valid()).encode())
+                assert status == 200 and json.loads(reply)["outputs"][0]["shape"] == [2, 10]
+            valid += 1
+    assert not wrong, wrong
+    streamed = _stream_of_junk(server) if door == "grpc" else 0
+    log = server.log()[len(log_before):]
+    assert "Traceback" not in log and "Exception" not in log, log[-3000:]
+    assert len([line for line in log.splitlines() if "serving: " not in line]) <= 3, log[-3000:]
+    after = server.metrics()
+    key = (MALFORMED, frozenset({("door", door)}))
+    assert after[key] - before.get(key, 0) == sum(c.malformed for c in cases) + streamed
+    answered = sum(v for (name, _), v in after.items() if name == "rpc_train_serve_requests_total") \
+        - sum(v for (name, _), v in before.items() if name == "rpc_train_serve_requests_total")
+    assert answered == _infers(cases, valid) + (streamed and 1)
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")

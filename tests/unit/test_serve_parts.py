@@ -58,6 +58,71 @@ def test_every_malformed_request_names_what_is_wrong(change, code, needle):
     assert err.value.code == code and needle in err.value.message and "\n" not in err.value.message
 
 
+def test_bytes_protobuf_cannot_parse_reach_the_servicer_as_undecodable_not_grpcs_traceback():
+    from types import SimpleNamespace
+
+    from rpc_train.serve.protocol import SERVICE, Undecodable, handler
+
+    class Servicer:  # every method answers its own name
+        def __getattr__(self, name):
+            return lambda request, context: name
+
+    service = handler(Servicer())
+    infer = service.service(SimpleNamespace(method=f"/{SERVICE}/ModelInfer", invocation_metadata=()))
+    junk = infer.request_deserializer(b"\x07junk")
+    assert isinstance(junk, Undecodable) and "ModelInfer" in junk.message and "5 bytes" in junk.message
+    assert infer.unary_unary(junk, None) == "undecodable"
+    valid = request(np.zeros((1, 1, 8, 8), np.float32))
+    assert infer.request_deserializer(valid.SerializeToString()) == valid
+    assert infer.unary_unary(valid, None) == "ModelInfer"
+    stream = service.service(SimpleNamespace(method=f"/{SERVICE}/ModelStreamInfer", invocation_metadata=()))
+    assert isinstance(stream.request_deserializer(b"\x07junk"), Undecodable)  # answered on the stream
+
+
+def test_a_rate_limited_log_writes_one_line_a_window_and_then_says_how_many_it_held_back():
+    import logging
+
+    from rpc_train.serve.ratelimit import RateLimitedLog
+
+    lines, now = [], [0.0]
+
+    class Recorder(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("test_rate_limited_log")
+    logger.addHandler(Recorder())
+    limited = RateLimitedLog(logger, every_s=60, clock=lambda: now[0])
+    written = [limited.log(logging.WARNING, "bad request: %s", i) for i in range(1000)]
+    now[0] = 61.0
+    written.append(limited.log(logging.WARNING, "bad request: %s", "%s"))  # the client's text is an argument
+    assert written == [True] + [False] * 999 + [True]
+    assert lines == ["bad request: 0", "bad request: %s (999 more like it since the last such line were not logged)"]
+
+
+def test_an_error_message_is_one_line_of_at_most_a_kilobyte_whatever_the_client_sent():
+    from rpc_train.serve.tensors import MESSAGE_CHARS, invalid
+
+    message = invalid(f"input '{'n' * 20_000}\r\nX-Injected: yes' is not served").message
+    assert "\n" not in message and "\r" not in message and len(message) < MESSAGE_CHARS + 40
+    assert message.endswith("more characters)")
+
+
+def test_http_timeouts_that_cannot_be_timed_are_refused_or_mean_no_deadline():
+    import json
+
+    from rpc_train.serve import http_codec
+
+    def timeout(value):
+        document = {"inputs": [], "parameters": {"timeout": value}}
+        return http_codec.request_of(json.dumps(document).encode(), None, "mlp").request.deadline
+
+    assert timeout(1e300) is None and timeout(5e6) > 0
+    for bad in (float("inf"), float("nan"), -1, "10", True):
+        with pytest.raises(BadRequest, match="expected a positive number of microseconds"):
+            timeout(bad)
+
+
 def test_routing_policies_pick_among_the_ready_replicas():
     loads = [ReplicaLoad(0, rows_in_flight=5), ReplicaLoad(1, rows_in_flight=1), ReplicaLoad(2, rows_in_flight=3)]
     assert POLICIES["least_loaded"]()(loads).replica == 1
