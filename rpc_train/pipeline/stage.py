@@ -13,6 +13,8 @@ recorded on the way back.
 """
 
 import functools
+import logging
+import os
 import resource
 import threading
 import time
@@ -32,6 +34,8 @@ from rpc_train.pipeline.profile import RankProfiler
 from rpc_train.runtime.devices import on_device_stream, own_device
 from rpc_train.training.builders import build_model, build_optimizer
 from rpc_train.training.loss import correct_of, loss_of
+
+log = logging.getLogger(__name__)
 
 # The stages hosted by this process, by stage id, for `forward_on_stage`.
 _LOCAL_STAGES: Dict[int, "StageWorker"] = {}
@@ -107,6 +111,8 @@ class StageWorker:
         self.optimizer, self.scheduler = (build_optimizer(self.params, optim_cfg, scheduler_cfg)
                                           if self.params else (None, None))
         self.memory = ActivationMeter(self.params, self.device)
+        # Where each stage runs (own_device: by local rank), as the serving replicas say it.
+        log.info("stage %d (pid %d) on %s", stage_id, os.getpid(), self.device)
         self.next_stage: Optional[tuple] = None  # (worker name, stage id)
         self.others: List[tuple] = []  # stage 0: the other stages, (worker name, stage id)
         self._anchor = torch.zeros((), requires_grad=True)

@@ -1,18 +1,22 @@
 """device=cuda for real: stages on the GPU, activations and gradients through TensorPipe device maps.
 
 Skipped on a machine without CUDA (CI has none); run them on a GPU machine with
-`pytest tests/multiprocess/test_cuda.py`. All stages share cuda:0 when there is one GPU.
+`pytest tests/multiprocess/test_cuda.py`, or all of the GPU check with `python -m rpc_train.bench.gpu_check`
+(docs/benchmarks.md, "On a GPU"). All stages share cuda:0 when there is one GPU.
 """
 
+import re
 import shutil
+import subprocess
 
 import pytest
 import torch
 
 from helpers.events import read_scalars
-from helpers.launching import launch, ok
+from helpers.launching import REPO, launch, launch_env, ok
 from helpers.models import exported_model
 from helpers.reference import initial_state, train_locally
+from rpc_train.runtime.local_world import free_port
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -37,6 +41,29 @@ def test_a_cuda_pipeline_matches_single_gpu_training(tmp_path, schedule, nproc):
     scalars = read_scalars(tmp_path / "run")
     assert [step for step, _ in scalars["train/loss"]] == [5, 6]
     assert all(value > 0 for _, value in scalars["stage1/backward_ms"])
+
+
+def test_ranks_of_two_nodes_take_their_gpu_by_local_rank_and_share_it(tmp_path):
+    # NNODES=2 x NPROC=1 on loopback: the driver and the one stage are each local rank 0 of
+    # their "machine", so both take cuda:0 whatever the GPU count, and their device maps come
+    # from the ranks' exchange over the rendezvous (runtime/roles.py), not from one machine's view.
+    overrides = STEPS + ["trainer.max_steps=6", "runtime.interface=lo"]
+    env = launch_env(tmp_path / "run", NNODES="2", NPROC="1", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}")
+    nodes = [subprocess.Popen([str(REPO / "launch.sh"), *overrides], cwd=REPO, env={**env, "NODE_RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=200)[0] for node in nodes]
+    finally:  # a node left waiting for its peer at the rendezvous
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    both = "".join(outputs)
+    assert "pipeline: 1 stages on worker1" in both, both[-3000:]
+    assert re.search(r"stage 0 \(pid \d+\) on cuda:0", both), both[-3000:]
+    piped, reference = exported_model(tmp_path / "run"), train_locally(overrides, "cuda")
+    assert piped.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(piped[name], value, rtol=0, atol=ATOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_a_cuda_run_resumes_from_its_checkpoint(tmp_path):
