@@ -172,8 +172,27 @@ class Dispatcher:
             self._open.add(pending)
             self._waiting += 1
             self._queued_rows += len(pending)
-            self._cv.notify_all()
+            now = self._batch_now(key)
+            if now is None:
+                self._cv.notify_all()
+        if now is not None:
+            self._send(*now)
         return pending
+
+    def _batch_now(self, key: Key) -> Optional[Tuple[Replica, List[Pending]]]:
+        """(replica, batch) when the batcher would send `key`'s queue at once anyway: no fill wait,
+        no other key's request waiting longer, and a replica with room. The caller's thread then
+        sends it, sparing a wake-up of the batching thread on the way of every request to an idle
+        server (called with the lock held)."""
+        if self.limits.max_queue_delay_s > 0 or self._next_key() != key:
+            return None
+        ready = self._ready_replicas(key)
+        batch = self._take_batch(key) if ready else []
+        if not batch:
+            return None
+        replica = self.policy(ready)
+        self._count(replica, batch, +1)
+        return replica, batch
 
     def _answered_one(self) -> None:
         with self._cv:
