@@ -32,10 +32,15 @@ def test_an_unknown_allocator_is_one_line_and_exit_2():
     assert seconds < 30 and "torch.distributed" not in result.stderr
 
 
-def user_namespaces() -> bool:
-    unshare = shutil.which("unshare")
-    return bool(unshare) and subprocess.run([unshare, "--user", "--map-root-user", "--mount", "true"],
-                                            capture_output=True).returncode == 0
+def hidden(path: str) -> tuple:
+    """A command prefix that runs a command in a mount namespace of its own (unshare(1)) where
+    /dev/null is bound over `path`: the file is there no more, for the lookup as for the dynamic
+    loader. Empty where this machine does not allow it (no unprivileged user namespaces)."""
+    wrapper = ("unshare", "--user", "--map-root-user", "--mount",
+               "sh", "-c", 'mount --bind /dev/null "$0" && exec "$@"', os.path.realpath(path))
+    if not shutil.which("unshare") or subprocess.run([*wrapper, "true"], capture_output=True).returncode != 0:
+        return ()
+    return wrapper
 
 
 @pytest.mark.parametrize("allocator", sorted(LIBRARIES))
@@ -43,14 +48,10 @@ def test_an_absent_library_is_one_line_and_exit_2(allocator):
     name, package = LIBRARIES[allocator]
     path = find_library(allocator)
     wrapper = ()
-    if path is not None:
-        # Installed here: hide it, as on a machine without the package. In a mount namespace of
-        # its own (unshare(1)), launch.sh sees /dev/null bound over the file, so the dynamic
-        # loader could not preload it either.
-        if not user_namespaces():
-            pytest.skip(f"{name} is installed and unshare --user --mount is not allowed here to hide it")
-        wrapper = ("unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                   'mount --bind /dev/null "$0" && exec "$@"', os.path.realpath(path))
+    if path is not None:  # installed here: hidden, as on a machine without the package
+        wrapper = hidden(path)
+        if not wrapper:
+            pytest.skip(f"{name} is installed and unshare --user --mount may not hide it here")
     result, seconds = launch(f"runtime.allocator={allocator}", wrapper=wrapper)
     assert result.returncode == 2, result.stderr
     assert result.stderr == (f"error: runtime.allocator={allocator}: {name} not found (ldconfig -p, /usr/lib); "
@@ -64,10 +65,12 @@ def test_the_lookup_takes_the_file_it_finds_in_the_directories_given(tmp_path):
         require_library("jemalloc", [])
     assert find_library("tcmalloc", [str(tmp_path)]) is None
     (tmp_path / "libtcmalloc_minimal.so.4").write_bytes(b"")
-    assert require_library("tcmalloc", [str(tmp_path / "none"), str(tmp_path)]) == str(tmp_path / "libtcmalloc_minimal.so.4")
+    found = require_library("tcmalloc", [str(tmp_path / "none"), str(tmp_path)])
+    assert found == str(tmp_path / "libtcmalloc_minimal.so.4")
 
 
-@pytest.mark.skipif(find_library("jemalloc") is None, reason="libjemalloc.so.2 is not installed (apt-get install libjemalloc2)")
+@pytest.mark.skipif(find_library("jemalloc") is None,
+                    reason="libjemalloc.so.2 is not installed (apt-get install libjemalloc2)")
 def test_the_environment_preloads_the_library_and_keeps_the_users_settings():
     path = find_library("jemalloc")
     jemalloc = OmegaConf.create({"allocator": "jemalloc", "hold_freed_memory": True})
