@@ -116,8 +116,13 @@ else
   rdzv=(--nnodes "$NNODES" --node-rank "$NODE_RANK" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT")
 fi
 
-# Check the config once, here, before any rank starts (one line and exit 2 on a bad value).
-WORLD_SIZE=$((NPROC * NNODES)) "$PYTHON" -m rpc_train.preflight "$@"
+# Check the config once, here, before any rank starts (one line and exit 2 on a bad value). It
+# prints the environment the ranks must start with, NAME=value a line: runtime.allocator's
+# LD_PRELOAD and tuning (rpc_train/runtime/allocator.py), which only take effect at exec.
+rank_env=$(WORLD_SIZE=$((NPROC * NNODES)) "$PYTHON" -m rpc_train.preflight "$@")
+while IFS= read -r setting; do
+  if [[ -n $setting ]]; then export "${setting?}"; fi
+done <<< "$rank_env"
 
 # One run dir for all ranks, made here: two launches in the same second still get two. A dry
 # run makes nothing (mktemp -u only names one).
@@ -147,6 +152,7 @@ run=("$PYTHON" -m "$agent" "${rdzv[@]}" --nproc-per-node "$NPROC" --max-restarts
      -m rpc_train.train "hydra.run.dir=$RUN_DIR" "$@")
 if (( LAUNCH_DRY_RUN )); then
   echo "run dir: $RUN_DIR"
+  [[ -z $rank_env ]] || echo "environment: ${rank_env//$'\n'/ }"
   printf 'command:'; printf ' %q' "${run[@]}"; echo
   exit 0
 fi

@@ -20,7 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from rpc_train.runtime.allocator import configure_allocator
+from rpc_train.runtime.allocator import configure_allocator, describe, restart_under_allocator
 from rpc_train.bench.bound import add_split_bounds, measure_splits, plan_splits, split_notes
 from rpc_train.bench.peer import peer_medians
 from rpc_train.runtime.local_world import run_in_local_world
@@ -51,6 +51,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument("--stages", type=int, default=2, help="pipeline stages K (K+1 processes)")
     p.add_argument("--schedules", default="1f1b,gpipe", help="comma-separated pipeline.schedule values")
     p.add_argument("--no-peer", action="store_true", help="skip the torch.distributed.pipelining rows")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="skip the single-process rows and the split bound (their columns read '-'): for a slow "
+                        "model when rpc_train's rows and per-stage notes are what is wanted")
     p.add_argument("--steps", type=int, default=20, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
@@ -162,7 +165,7 @@ def add_ratios(rows: List[Dict], batch: int, k: int, devices: int) -> List[tuple
     """
     baselines = [row for row in rows if "ratio" in row]
     ratios = [(row["ratio"].replace(" ", "_"), row["ratio"]) for row in baselines]
-    one = baselines[0]["median_step_ms"]
+    one = baselines[0]["median_step_ms"] if baselines else None
     for row in rows:
         ms = row["median_step_ms"]
         row["samples_per_s"] = 1e3 * batch / ms
@@ -171,7 +174,7 @@ def add_ratios(rows: List[Dict], batch: int, k: int, devices: int) -> List[tuple
         m = row["micro_batches"]
         piped = isinstance(m, int)
         # Efficiency: the speedup each stage's device delivers; GPipe's bubble caps it at m/(m+K-1).
-        row["pipeline_efficiency"] = one / ms / min(k, devices) if piped else "-"
+        row["pipeline_efficiency"] = one / ms / min(k, devices) if piped and one else "-"
         row["gpipe_bound"] = m / (m + k - 1) if piped else "-"
     # rpc_train against torch.distributed.pipelining, same schedule and micro-batches.
     peers = {(row["peer_of"], row["micro_batches"]): row["median_step_ms"] for row in rows if "peer_of" in row}
@@ -224,21 +227,25 @@ def write_csv(path: str, rows: List[Dict], columns: List[str]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     try:
         cfg = compose_config(args)
+        # runtime.allocator=jemalloc|tcmalloc: this process and the worlds it spawns run under it.
+        restart_under_allocator(cfg.runtime, "rpc_train.bench.pipeline", argv)
         batches = draw_batches(cfg, args.warmup + args.steps)
     except (ConfigError, HydraException, OmegaConfBaseException) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     configure_allocator(cfg.runtime)  # as every pipeline and peer process does
-    rows = baseline_rows(cfg, batches, args.warmup, args.steps)
+    rows = [] if args.no_baselines else baseline_rows(cfg, batches, args.warmup, args.steps)
     torch.set_num_threads(1)  # the parent only waits while the world runs
     on_gpu = cfg.device == "cuda"
     devices = torch.cuda.device_count() if on_gpu else usable_cores()
     plans = plan_splits(cfg, args.stages, args.micro_batches)
     # Stages that share a device do not overlap, and there is no bound of this shape for them.
-    splits = measure_splits(cfg, plans) if devices >= args.stages and not on_gpu else None
+    timed = devices >= args.stages and not on_gpu and not args.no_baselines
+    splits = measure_splits(cfg, plans) if timed else None
     runs = [(schedule, m, plans[m]) for schedule in args.schedules for m in args.micro_batches]
     rows += run_in_local_world(cfg, args.stages + 1, pipeline_rows, (runs, args.warmup, args.steps), args.timeout)
     if not args.no_peer and not on_gpu:
@@ -250,6 +257,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(machine_line())
     print(f"model={args.model} data={args.data} shape={list(cfg.data.shape)} batch={args.batch_size} "
           f"device={cfg.device} steps={args.steps} (median) warmup={args.warmup} overrides={args.override or '-'}")
+    print(describe(cfg.runtime))
     if on_gpu and not args.no_peer:
         # gloo's send/recv take CPU tensors only, and NCCL refuses two ranks on one GPU.
         print("no torch.distributed.pipelining rows on cuda")

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from rpc_train.bench.launched import job_rate
-from rpc_train.runtime.allocator import configure_allocator
+from rpc_train.runtime.allocator import configure_allocator, restart_under_allocator
 from rpc_train.data.datasets import make_loaders
 from rpc_train.training.local import LocalEngine
 from rpc_train.config.compose import compose
@@ -111,7 +111,11 @@ def add_ratios(rows: List[Dict]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    # runtime.allocator=jemalloc|tcmalloc: the single-process rows run under it too (the jobs
+    # get it from launch.sh).
+    restart_under_allocator(compose(job_overrides(args)).runtime, "rpc_train.bench.ps", argv)
     # Single-process rows first and alone: no job competes with them for the cores.
     rows = [single_process_row(args, n) for n in args.trainers]
     torch.set_num_threads(1)  # this process only waits while the jobs run

@@ -20,6 +20,8 @@ ROUTINGS = ("least_loaded", "round_robin", "power_of_two")
 DEVICES = ("cpu", "cuda")
 BALANCE_STRATEGIES = ("params", "time")
 SCHEDULES = ("gpipe", "1f1b")
+# runtime.allocator values: runtime/allocator.py has their libraries.
+ALLOCATORS = ("glibc", "jemalloc", "tcmalloc")
 # trainer.loss values: training/loss.py LOSSES has their functions.
 LOSS_NAMES = ("cross_entropy",)
 BALANCE_HELP = "'params', 'time', or a list of layer counts per stage such as [3,2]"
@@ -77,6 +79,10 @@ class RuntimeConf:
     # on the next micro-batch (glibc only; see rpc_train/runtime/allocator.py). Costs the peak heap.
     # Benchmarks apply it to every process they time, baselines and peers too.
     hold_freed_memory: bool = True
+    # malloc of every rank: "glibc" (with hold_freed_memory's thresholds, which stop at 32 MB), or
+    # "jemalloc"/"tcmalloc", caching allocators that keep larger tensors too (ResNet-50 at 224 px),
+    # preloaded by launch.sh from Debian's libjemalloc2/libtcmalloc-minimal4 (docs/pipeline.md).
+    allocator: str = "glibc"
 
 
 @dataclass

@@ -10,9 +10,9 @@ from typing import Iterator, Sequence
 from omegaconf import DictConfig
 
 from rpc_train.config.errors import ConfigError
-from rpc_train.config.schema import (BALANCE_HELP, BALANCE_STRATEGIES, DEVICES, EMBEDDING_OPTIMS, LOSS_NAMES, MODES,
-                                     ROUTINGS, SCHEDULES, SHARDINGS, LOADERS, ON_SAMPLE_ERROR, STEP_FOLLOWS_LR,
-                                     mode_world_size, num_stages)
+from rpc_train.config.schema import (ALLOCATORS, BALANCE_HELP, BALANCE_STRATEGIES, DEVICES, EMBEDDING_OPTIMS,
+                                     LOSS_NAMES, MODES, ROUTINGS, SCHEDULES, SHARDINGS, LOADERS, ON_SAMPLE_ERROR,
+                                     STEP_FOLLOWS_LR, mode_world_size, num_stages)
 from rpc_train.data.files import CLICK_DATASETS
 
 
@@ -117,6 +117,8 @@ def _runtime_problems(cfg: DictConfig) -> Iterator[str]:
     yield from _positive("runtime.num_worker_threads", runtime.num_worker_threads)
     if runtime.threads < 0:
         yield f"runtime.threads={runtime.threads}: must be 0 (share the cores) or a positive count"
+    if runtime.allocator not in ALLOCATORS:
+        yield f"runtime.allocator={runtime.allocator}: expected one of {', '.join(ALLOCATORS)}"
     if cfg.pipeline.timeline_every < 0:
         yield f"pipeline.timeline_every={cfg.pipeline.timeline_every}: must be 0 (never) or a positive count"
     profile_step, max_steps = cfg.pipeline.profile_step, cfg.trainer.max_steps
