@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -22,6 +23,7 @@ import numpy as np
 from rpc_train.bench.loadgen import WARMUP_S, LoadResult
 
 WRK = "wrk"
+DRAIN_S = 0.5
 # Every request the same body; done() prints one line: requests, microseconds, errors, then the
 # latency's p50, p90, p99 in microseconds.
 SCRIPT = """
@@ -78,6 +80,9 @@ def run_wrk(url: str, model: str, shape: List[int], concurrency: int, duration_s
             return out, proc
 
         wrk(WARMUP_S)
+        # wrk leaves its last requests unanswered: let the server answer them before counting,
+        # or at c = serve.threads the first ones of the measured run are refused as too many.
+        time.sleep(DRAIN_S)
         started()
         before = os.times()
         out, _ = wrk(duration_s)
