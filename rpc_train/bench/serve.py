@@ -105,7 +105,8 @@ def in_process_rows(run: Path, max_batch: int, repeats: int = 100) -> List[Dict]
                     times.append(time.perf_counter() - start)
         median_ms = 1e3 * statistics.median(times)
         rows.append({"setup": f"in process, no server, batch {batch}", "load": "-",
-                     "rps": 1e3 * batch / median_ms, "p50": median_ms, "p90": "-", "p99": "-", "batch": batch})
+                     "rps": 1e3 * batch / median_ms, "p50": median_ms, "p90": "-", "p99": "-", "errors": "-",
+                     "batch": batch})
     torch.set_num_threads(1)  # this process only waits while the jobs run
     return rows
 
