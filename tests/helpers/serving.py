@@ -98,6 +98,37 @@ class ServingJob:
         except grpc.RpcError:
             return False
 
+    def wait_exit(self, timeout_s: float) -> str:
+        """The launcher's output once it exits by itself; on a timeout, an AssertionError saying where
+        each process still alive is (py-spy's stacks, where it is installed), then every process killed."""
+        try:
+            self.output, _ = self.proc.communicate(timeout=timeout_s)
+            return self.output
+        except subprocess.TimeoutExpired as timeout:
+            so_far = timeout.output or ""
+        report = self.post_mortem()
+        self.stop(timeout_s=1)  # kills what is left
+        raise AssertionError(f"the job had not exited {timeout_s} s on; its output:\n{so_far[-2000:]}\n{report}")
+
+    def post_mortem(self) -> str:
+        """Each live process of the job (command line and, with py-spy, its Python stacks) and each rank log's end."""
+        import shutil
+
+        lines = []
+        for pid in self.processes():
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]
+            except OSError:
+                continue
+            lines.append(f"--- still alive: {pid} {command}")
+            if shutil.which("py-spy") and "python" in command:
+                dump = subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True,
+                                      timeout=30)
+                lines.append(dump.stdout[-4000:] or dump.stderr[-500:])
+        for rank in range(3):
+            lines.append(f"--- rank{rank}.log ends:\n" + "\n".join(self.log(rank).splitlines()[-25:]))
+        return "\n".join(lines)
+
     def stop(self, timeout_s: float = 90) -> str:
         """SIGTERM to the launcher, as a user's would be: drain, then every process ends."""
         if self.proc.poll() is None:

@@ -5,7 +5,6 @@ fails otherwise, every process exits, the launcher exits 0 and no traceback is p
 
 import os
 import signal
-import subprocess
 import time
 
 import pytest
@@ -64,11 +63,7 @@ def test_a_signal_to_any_process_drains_and_the_launcher_exits_0(trained, tmp_pa
         time.sleep(0.5)
         assert load.codes(answered_while_unready) and set(load.codes(answered_while_unready)) == {"OK"}, \
             "requests were refused inside the grace period"
-        try:
-            output, _ = job.proc.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            job.stop(timeout_s=5)
-            raise
+        output = job.wait_exit(timeout_s=90)
     assert unready_s < 2, f"readiness went false {unready_s:.1f} s after the signal"
     assert job.proc.returncode == 0, output[-3000:]
     codes = load.codes(before)
@@ -92,11 +87,7 @@ def test_a_second_ctrl_c_forces_a_stuck_drain(trained, tmp_path):
         assert job.proc.poll() is None  # draining, stuck
         forced = time.monotonic()
         job.proc.send_signal(signal.SIGINT)
-        try:
-            output, _ = job.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            job.stop(timeout_s=1)  # kills what is left
-            raise
+        output = job.wait_exit(timeout_s=30)
         took_s = time.monotonic() - forced
     assert job.proc.returncode != 0 and "forcing the job down" in output, output[-2000:]
     assert took_s < 10 and not [pid for pid in processes if _alive(pid)]
