@@ -1,9 +1,11 @@
 """The RPC session: init_rpc with TensorPipe on entry, shutdown on exit, and ending the job.
 
 One failing rank must end the whole job: on an error the driver makes every worker exit
-(`abort_workers`) before it shuts down without waiting for them.
+(`abort_workers`) before it shuts down without waiting for them. A graceful shutdown that does
+not end within an RPC timeout ends the driver with its stacks printed (docs/launcher.md).
 """
 
+import faulthandler
 import logging
 import os
 import threading
@@ -61,7 +63,15 @@ def rpc_session(runtime: RuntimeConf, world: World, device_maps=None) -> Iterato
             abort_workers(world, whereabouts)
         rpc.shutdown(graceful=False)
         raise
+    if world.is_driver:
+        # The driver reaches the graceful shutdown last, every other rank waiting in it already, so
+        # it ends in moments. One still going after an RPC timeout is stuck inside torch, where
+        # Python cannot interrupt it: faulthandler then prints every thread's stack to stderr and
+        # ends this rank with 1 (torchrun stops the rest), where the job would never exit.
+        faulthandler.dump_traceback_later(runtime.rpc_timeout_s, exit=True)
     rpc.shutdown()
+    if world.is_driver:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def _exit_soon(code: int, delay_s: float) -> None:
