@@ -6,7 +6,8 @@ from helpers.events import read_scalars
 from helpers.launching import SMOKE, launch, ok
 from rpc_train.runtime.allocator import find_library
 
-pytestmark = [pytest.mark.timeout(120),
+# Slow: a whole launch (17 s); tests/unit/test_allocator.py checks each allocator's faults in seconds.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120),
               pytest.mark.skipif(find_library("jemalloc") is None,
                                  reason="libjemalloc.so.2 is not installed (apt-get install libjemalloc2)")]
 
