@@ -11,6 +11,7 @@ import multiprocessing as mp
 import random
 import resource
 import time
+from queue import Empty
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
@@ -45,7 +46,7 @@ class LoadResult:
 
 
 def _client(url: str, model: str, shape: List[int], duration_s: float, rate: Optional[float], seed: int,
-            results, ready, metadata: Tuple[Tuple[str, str], ...] = ()) -> None:
+            results, ready, go, metadata: Tuple[Tuple[str, str], ...] = ()) -> None:
     import grpc
 
     from rpc_train.serve.client import infer_request
@@ -54,7 +55,9 @@ def _client(url: str, model: str, shape: List[int], duration_s: float, rate: Opt
     stub = Stub(grpc.insecure_channel(url))
     request = infer_request(model, np.random.default_rng(seed).standard_normal((1, *shape)).astype(np.float32))
     out, rng = LoadResult(), random.Random(seed)
-    ready.wait(timeout=300)  # every client imported and connected: the load starts at once
+    ready.put(seed)
+    if not go.wait(timeout=300):  # every client imported and connected: the load starts at once
+        return  # the parent gave up on the start
     start = time.monotonic()
     counted_from, end = start + WARMUP_S, start + WARMUP_S + duration_s
 
@@ -107,18 +110,40 @@ def run_load(url: str, model: str, shape: List[int], clients: int, duration_s: f
     `rate` requests/s in all. `metadata` goes with every request (Ray Serve's `application`).
     `started()` is called as the load starts, once every client process is up."""
     ctx = mp.get_context("spawn")
-    results, ready = ctx.Queue(), ctx.Barrier(clients + 1)
+    results, ready, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     share = None if rate is None else rate / clients
-    procs = [ctx.Process(target=_client, args=(url, model, shape, duration_s, share, seed, results, ready, metadata),
-                         daemon=True)
+    procs = [ctx.Process(target=_client, args=(url, model, shape, duration_s, share, seed, results, ready, go,
+                                               metadata), daemon=True)
              for seed in range(clients)]
-    for p in procs:
-        p.start()
-    ready.wait(timeout=300)
-    started()
-    total = LoadResult()
-    for _ in procs:
-        total.merge(results.get(timeout=duration_s + 120))
-    for p in procs:
-        p.join(10)
-    return total
+    try:
+        for p in procs:
+            p.start()
+        _collect(ready, procs, 300, "while starting")
+        go.set()
+        started()
+        total = LoadResult()
+        for result in _collect(results, procs, duration_s + 120, "during the load"):
+            total.merge(result)
+        for p in procs:
+            p.join(10)
+        return total
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+
+
+def _collect(queue, procs, timeout_s: float, when: str) -> list:
+    """One item from each client process; a RuntimeError as soon as one has died, and at the timeout."""
+    items, deadline = [], time.monotonic() + timeout_s
+    while len(items) < len(procs):
+        try:
+            items.append(queue.get(timeout=0.5))
+        except Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a load client process exited with {dead[0]} {when} (its traceback is above)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(procs) - len(items)} of {len(procs)} load clients gave nothing in "
+                                   f"{timeout_s:.0f} s {when}")
+    return items
