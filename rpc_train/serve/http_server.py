@@ -3,7 +3,8 @@ and /metrics behind the same TLS and token.
 
 Each route translates (`http_codec.py`) and maps a `ServeError`'s code to Triton's HTTP status;
 every answer comes from the core (`core.py`), whose calls block, so they run in a pool of
-serve.threads threads; an inference instead awaits its answer on the loop (`infer_async`). aiohttp serves in a thread with its own event loop (`HttpServer`),
+serve.threads threads; an inference instead awaits its answer on the loop (`infer_async`), unless
+its body is large (`LOOP_BODY_BYTES`). aiohttp serves in a thread with its own event loop (`HttpServer`),
 started and stopped by the driver next to the gRPC server. Errors are `{"error": "..."}`. A body
 the door cannot read (not JSON, not laid out as the protocol says) is a 400 counted in
 rpc_train_serve_malformed_requests_total{door="http"}; our own bug is a 500 whose traceback is
@@ -35,8 +36,17 @@ STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDI
           grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
           grpc.StatusCode.INTERNAL: 500, grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.UNAVAILABLE: 503,
           grpc.StatusCode.DEADLINE_EXCEEDED: 504}
+# An inference body over this is decoded and answered on a pool thread: decoding megabytes of JSON
+# on the event loop would hold every other connection of the door meanwhile. Under it, decoding
+# costs less than the thread handoff (a few hundred µs), so the call stays on the loop.
+LOOP_BODY_BYTES = 32 << 10
 HEALTH = ("/v2/health/live", "/v2/health/ready")  # open to load balancers and orchestrators, as gRPC's health
 MODEL = ["/v2/models/{model}", "/v2/models/{model}/versions/{version}"]
+
+
+def _response(reply, call) -> web.Response:
+    body, headers = http_codec.reply_body(reply, call)
+    return web.Response(body=body, headers=headers)
 
 
 def error(status: int, message: str) -> web.Response:
@@ -100,11 +110,15 @@ class ProtocolRoutes:
             raise
 
     async def infer(self, request):
-        body = await request.read()
-        call = self._read(http_codec.request_of, body, request.headers.get(http_codec.HEADER_LENGTH), *_model(request))
-        reply = await self.core.infer_async(call.request, self.executor)
-        body, headers = http_codec.reply_body(reply, call)
-        return web.Response(body=body, headers=headers)
+        body, length = await request.read(), request.headers.get(http_codec.HEADER_LENGTH)
+        if len(body) > LOOP_BODY_BYTES:
+            return await self._call(self._infer_blocking, body, length, *_model(request))
+        call = self._read(http_codec.request_of, body, length, *_model(request))
+        return _response(await self.core.infer_async(call.request, self.executor), call)
+
+    def _infer_blocking(self, body: bytes, length: Optional[str], *model) -> web.Response:
+        call = self._read(http_codec.request_of, body, length, *model)
+        return _response(self.core.infer(call.request), call)
 
     async def repository_index(self, request):
         document = self._read(http_codec.json_body, await request.read())

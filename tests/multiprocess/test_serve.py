@@ -24,6 +24,7 @@ from helpers.events import event_tags, hparams_of, read_scalars
 from helpers.launching import launch, ok
 from helpers.malformed import grpc_cases, http_cases, http_valid
 from helpers.serving import Load, ServingJob, curl, digits_rows, served_reference, triton_input
+from rpc_train.serve.http_server import LOOP_BODY_BYTES
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -282,6 +283,15 @@ def test_http_answers_tritonclient_and_curl_as_grpc_does(server, trained):
         answer = json.loads(answer)
         assert answer["id"] == "c1" and answer["outputs"][0]["shape"] == [2, 10]
         np.testing.assert_allclose(np.array(answer["outputs"][0]["data"]).reshape(2, 10), expected[:2], atol=1e-5)
+    # A body over LOOP_BODY_BYTES is decoded and answered on a pool thread instead of the event loop.
+    rows = digits_rows(32)  # serve.max_batch_size
+    body = json.dumps({"inputs": [{"name": "input", "shape": [32, 1, 8, 8], "datatype": "FP32",
+                                   "data": rows.flatten().tolist()}]})
+    assert LOOP_BODY_BYTES < len(body) < 0.05 * 2 ** 20, len(body)  # and under the server's serve.max_message_mb
+    status, answer = curl(server, "/v2/models/mlp/infer", "-H", "Content-Type: application/json", "-d", body)
+    assert status == 200, answer
+    np.testing.assert_allclose(np.array(json.loads(answer)["outputs"][0]["data"]).reshape(32, 10),
+                               served_reference(trained, rows), atol=1e-5)
     assert curl(server, "/v2/health/ready") == (200, "")
     assert curl(server, "/v2/models/mlp/versions/1/ready") == (200, "")
     status, body = curl(server, "/v2/models/resnet")
