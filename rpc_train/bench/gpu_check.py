@@ -110,7 +110,7 @@ def run_until(cmd: List[str], log: Path, deadline: float) -> Part:
     start = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_take_ctrl_c)
         try:
             return Part(proc.wait(timeout=max(1.0, deadline - start)), time.monotonic() - start, log)
         except subprocess.TimeoutExpired:
@@ -122,6 +122,12 @@ def run_until(cmd: List[str], log: Path, deadline: float) -> Part:
             _signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
             return Part(None, time.monotonic() - start, log)
+
+
+def _take_ctrl_c() -> None:
+    # A check started in the background (`cmd &`, nohup) has SIGINT ignored, and an ignored signal
+    # stays ignored across exec: the part would sit out its Ctrl-C until the SIGKILL.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -2,6 +2,7 @@
 keeping to its budget, and the wheels it is carried with."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -60,8 +61,14 @@ def test_each_test_outcome_comes_from_the_junit_file_or_the_verbose_lines(tmp_pa
 
 
 def test_a_part_still_running_at_its_deadline_is_stopped(tmp_path):
-    started = time.monotonic()
-    part = run_until(["sh", "-c", "echo started; sleep 60"], tmp_path / "log", time.monotonic() + 1)
+    # As in a check started from a background shell (`cmd &`, nohup), where SIGINT is ignored
+    # and would stay ignored in the part: the part must still take its Ctrl-C.
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        started = time.monotonic()
+        part = run_until(["sh", "-c", "echo started; sleep 60"], tmp_path / "log", time.monotonic() + 1)
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert part.returncode is None and time.monotonic() - started < 10
     assert (tmp_path / "log").read_text() == "started\n"
 
