@@ -3,9 +3,9 @@ and /metrics behind the same TLS and token.
 
 Each route translates (`http_codec.py`) and maps a `ServeError`'s code to Triton's HTTP status;
 every answer comes from the core (`core.py`), whose calls block, so they run in a pool of
-serve.threads threads; an inference instead awaits its answer on the loop (`infer_async`), unless
-its body is large (`LOOP_BODY_BYTES`). aiohttp serves in a thread with its own event loop (`HttpServer`),
-started and stopped by the driver next to the gRPC server. Errors are `{"error": "..."}`. A body
+serve.threads threads; an inference instead awaits its answer on the loop (`infer_async`),
+unless its body is large (`LOOP_BODY_BYTES`). aiohttp serves in a thread with its own event loop
+(`HttpServer`), started and stopped by the driver next to the gRPC server. Errors are `{"error": "..."}`. A body
 the door cannot read (not JSON, not laid out as the protocol says) is a 400 counted in
 rpc_train_serve_malformed_requests_total{door="http"}; our own bug is a 500 whose traceback is
 logged at most once every BUG_LOG_EVERY_S seconds.
